@@ -1,0 +1,74 @@
+"""`vlm train | predict | eval`: the command-line entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = load_config(args.config, args.overrides)
+    train(config)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .eval.predict import predict
+    from .model import VLM
+
+    model = VLM.from_pretrained(args.model)
+    count = predict(model, args.data, args.out, args.image_root, args.max_new_tokens, args.batch_size)
+    print(f"Wrote {count} predictions to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval.predict import evaluate_predictions
+
+    print(json.dumps(evaluate_predictions(args.predictions, args.data), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a VLM from a YAML config")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 train.max_steps=100")
+    train.set_defaults(run=_train)
+
+    predict = commands.add_parser("predict", help="answer the last user turn of every sample")
+    predict.add_argument("--model", required=True, help="a saved VLM folder (e.g. output_dir/final)")
+    predict.add_argument("--data", required=True, help="LLaVA JSON / messages JSONL file")
+    predict.add_argument("--image-root", default=None, help="folder image paths are relative to")
+    predict.add_argument("--out", required=True, help="predictions JSONL to write")
+    predict.add_argument("--max-new-tokens", type=int, default=32)
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser("eval", help="score predictions: VQA accuracy, BLEU-4, CIDEr-D")
+    evaluate.add_argument("--predictions", required=True)
+    evaluate.add_argument("--data", required=True)
+    evaluate.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        print(f"Config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

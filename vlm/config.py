@@ -1,0 +1,180 @@
+"""Typed run configuration: YAML file + dotted command-line overrides, validated on load.
+
+Every key is a dataclass field, so an unknown key or a value of the wrong type fails
+before any model is built, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a person can fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    vision: str = ""
+    """Vision tower: `timm:<name>`, `hf:<hub id>`, or a local timm / transformers folder."""
+    lm: str = ""
+    """Causal LM: a hub id or a local folder (any AutoModelForCausalLM)."""
+    pretrained: Optional[str] = None
+    """A saved VLM folder (e.g. the align stage's `final/`) to start from instead of the backbones."""
+    fusion: str = "projector"
+    projector: str = "mlp2x_gelu"
+    pixel_shuffle_factor: int = 2
+    vision_feature_layer: int = -2
+    """Which encoder block's output feeds the fusion; -2 is the penultimate, as in LLaVA."""
+    vision_drop_prefix_tokens: bool = True
+    """Drop CLS / register tokens so only patch tokens reach the LM."""
+    image_token: str = "<image>"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    image_root: Optional[str] = None
+    """Image paths are relative to this folder; by default to each data file's folder."""
+    max_length: int = 2048
+    """Longest sample in tokens, image tokens included; longer samples are skipped and counted."""
+    strict: bool = False
+    """Stop at the first bad sample instead of skipping and counting it."""
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["align", "finetune"] = "align"
+    """`align` trains the fusion only; `finetune` trains the fusion and the LM."""
+    max_steps: int = 1000
+    batch_size: int = 8
+    eval_batch_size: Optional[int] = None
+    grad_accum: int = 1
+    lr: float = 2e-5
+    fusion_lr: Optional[float] = None
+    """Learning rate of the fusion module; defaults to `lr`."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 where the device supports it, fp32 otherwise (CPU)."""
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 0
+    """Evaluate on `data.eval_files` every N optimizer steps (0: only at the end)."""
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "outputs/run"
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `dotted.key=value` overrides, and validate the result."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of keys, got {type(raw).__name__}.")
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(Config, raw)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"Override '{item}' must look like 'section.key=value' (e.g. train.lr=1e-4).")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override '{item}': '{part}' is not a section.")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, naming the offending key on any mismatch."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where}' must be a mapping of keys, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown config key '{prefix}{key}'.{hint} Valid keys under {where}: {', '.join(names)}."
+            )
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"Config key '{key}' must be one of {list(args)}, got {value!r}.")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"Config key '{key}' must be a list, got {value!r}.")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"Config key '{key}' must be true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"Config key '{key}' must be an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML reads `1e-4` (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"Config key '{key}' must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"Config key '{key}' must be a string, got {value!r}.")
+        return value
+    raise ConfigError(f"Config key '{key}' has an unsupported type {tp}.")  # pragma: no cover

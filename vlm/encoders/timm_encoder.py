@@ -1,0 +1,71 @@
+"""timm vision towers: `timm:<model name>`, `timm:hf-hub:<repo>` or a local timm checkpoint folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.models._hub import save_config_for_hf
+
+from .base import ImageTransform, VisionEncoder
+
+
+class TimmVisionEncoder(VisionEncoder):
+    library = "timm"
+
+    def __init__(
+        self, name: str, feature_layer: int = -2, drop_prefix_tokens: bool = True, pretrained: bool = True
+    ) -> None:
+        super().__init__(name, feature_layer, drop_prefix_tokens)
+        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        blocks = getattr(self.model, "blocks", None) or getattr(self.model, "stages", None)
+        depth = len(blocks) if blocks is not None else None
+        if depth is None:
+            raise ValueError(f"timm model '{name}' exposes no `blocks` / `stages`; cannot pick a feature layer.")
+        if not -depth <= feature_layer < depth:
+            raise ValueError(f"model.vision_feature_layer={feature_layer} is outside the {depth} blocks of '{name}'.")
+        self._block_index = feature_layer % depth
+        # Blocks after the chosen one never influence the output: drop them so no step pays for them.
+        self.model.prune_intermediate_layers([self._block_index], prune_norm=True, prune_head=True)
+        self._nlc = hasattr(self.model, "num_prefix_tokens")
+        self.data_config = resolve_data_config(model=self.model)
+        self._measure(tuple(self.data_config["input_size"][1:]))
+        self.set_frozen(True)
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        keep_prefix = self._nlc and not self.drop_prefix_tokens
+        out = self.model.forward_intermediates(
+            pixel_values,
+            indices=[self._block_index],
+            return_prefix_tokens=keep_prefix,
+            norm=False,
+            output_fmt="NLC" if self._nlc else "NCHW",
+            intermediates_only=True,
+        )[0]
+        if keep_prefix:
+            patches, prefix = out
+            return torch.cat([prefix, patches], dim=1)
+        if not self._nlc:  # convnets: [B, C, H, W] -> [B, H*W, C]
+            out = out.flatten(2).transpose(1, 2)
+        return out
+
+    def image_transform(self) -> ImageTransform:
+        transform = create_transform(**self.data_config, is_training=False)
+        return lambda image: transform(image.convert("RGB"))
+
+    def save_backbone_config(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_config_for_hf(self.model, str(directory / "config.json"))
+
+
+def is_timm_folder(path: Path) -> bool:
+    """timm checkpoint folders carry `architecture` in config.json; transformers ones carry `model_type`."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return "architecture" in data and "model_type" not in data

@@ -1,0 +1,6 @@
+"""Fusion strategies, registered by name; importing this package registers all of them."""
+
+from . import projector  # noqa: F401  (registers "projector")
+from .base import Fusion, build_fusion, register_fusion
+
+__all__ = ["Fusion", "build_fusion", "register_fusion"]

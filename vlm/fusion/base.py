@@ -1,0 +1,71 @@
+"""The fusion contract: the only questions the model, collator and trainer ask of a strategy.
+
+1. `tokens_per_image`: how many text positions one image occupies (0 for strategies that
+   reach the LM another way, such as cross-attention or late fusion).
+2. `embed_images`: what fills those positions.
+3. `lm_forward` / `lm_generate`: what else changes in the LM's forward (blocks inserted,
+   logits combined). The default is an unchanged LM call.
+
+Adding a strategy is one file that subclasses `Fusion` and registers itself by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+_REGISTRY: dict[str, type["Fusion"]] = {}
+
+
+class Fusion(nn.Module, ABC):
+    """Base class; `vision_dim` / `grid` describe the encoder output, `lm_dim` the LM's hidden size."""
+
+    def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
+        super().__init__()
+        self.vision_dim = vision_dim
+        self.grid = grid
+        self.lm_dim = lm_dim
+
+    @property
+    @abstractmethod
+    def tokens_per_image(self) -> int:
+        """Text positions one image occupies in the LM's sequence."""
+
+    @abstractmethod
+    def embed_images(self, features: torch.Tensor) -> torch.Tensor:
+        """features [num_images, num_patches, vision_dim] -> [num_images, tokens_per_image, lm_dim]."""
+
+    def lm_forward(
+        self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+        image_features: torch.Tensor | None, **kwargs: Any,
+    ) -> Any:
+        """Run the LM on embeddings whose image positions are already filled."""
+        return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def lm_generate(
+        self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+        image_features: torch.Tensor | None, **kwargs: Any,
+    ) -> torch.Tensor:
+        """Generate new tokens [batch, new_tokens] from a left-padded prompt."""
+        return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def register_fusion(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
+    def decorator(cls: type[Fusion]) -> type[Fusion]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_fusion(config: ModelConfig, vision_dim: int, grid: tuple[int, int], lm_dim: int) -> Fusion:
+    if config.fusion not in _REGISTRY:
+        raise ValueError(
+            f"model.fusion='{config.fusion}' is not a registered strategy; choose one of {sorted(_REGISTRY)}."
+        )
+    return _REGISTRY[config.fusion](vision_dim, grid, lm_dim, config)

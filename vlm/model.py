@@ -1,0 +1,184 @@
+"""The VLM: a vision encoder, a fusion strategy and a causal LM, composed — nothing more."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
+
+from .config import ModelConfig, config_to_dict, from_dict
+from .data.collator import Collator
+from .data.processor import VLMProcessor
+from .data.sample import Sample
+from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
+from .fusion import Fusion, build_fusion
+from .lm import load_language_model, prepare_tokenizer
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class VLMFolderConfig(PretrainedConfig):
+    """Registers `model_type: vlm` so transformers' Auto classes read our config.json without complaint."""
+
+    model_type = "vlm"
+
+
+AutoConfig.register("vlm", VLMFolderConfig, exist_ok=True)
+
+
+class VLM(nn.Module):
+    """`vision` (frozen tower) -> `fusion` -> `lm`. Every strategy-specific decision is the fusion's."""
+
+    def __init__(
+        self, config: ModelConfig, vision: VisionEncoder, fusion: Fusion, lm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.fusion = fusion
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.processor = VLMProcessor(
+            tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image
+        )
+        self.image_token_id = self.processor.image_token_id
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "VLM":
+        """Build from pretrained backbones, or from a saved VLM when `model.pretrained` is set."""
+        if config.pretrained:
+            return cls.from_pretrained(config.pretrained)
+        if not config.vision or not config.lm:
+            raise ValueError("Set model.vision and model.lm (or model.pretrained to continue from a saved VLM).")
+        vision = load_vision_encoder(
+            config.vision, config.vision_feature_layer, config.vision_drop_prefix_tokens, config.trust_remote_code
+        )
+        lm, tokenizer = load_language_model(config.lm, config.trust_remote_code)
+        prepare_tokenizer(tokenizer, lm, config.image_token)
+        fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm.config.get_text_config().hidden_size)
+        return cls(config, vision, fusion, lm, tokenizer)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[num_images, 3, H, W] -> vision features [num_images, num_patches, vision_dim]."""
+        return self.vision(pixel_values)
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings [batch, seq, lm_dim] with image positions filled by the fusion, in one scatter."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return embeds, None
+        features = self.encode_images(pixel_values)
+        if self.fusion.tokens_per_image:
+            image_embeds = self.fusion.embed_images(features).to(embeds.dtype)
+            mask = input_ids == self.image_token_id
+            if int(mask.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
+                raise ValueError(
+                    f"The batch has {int(mask.sum())} image-token positions but {image_embeds.shape[0]} image(s) "
+                    f"x {image_embeds.shape[1]} tokens; the text and the images do not match."
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))
+        return embeds, features
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None, **kwargs: Any,
+    ) -> Any:
+        """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W]."""
+        embeds, features = self.embed(input_ids, pixel_values)
+        return self.fusion.lm_forward(
+            self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
+            labels=labels, **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate_from_batch(self, batch: dict[str, Any], max_new_tokens: int = 64, **kwargs: Any) -> list[str]:
+        """Greedy (by default) decoding with the KV cache from a left-padded collated batch."""
+        device = self.lm.device
+        input_ids = batch["input_ids"].to(device)
+        pixels = batch["pixel_values"]
+        embeds, features = self.embed(input_ids, None if pixels is None else pixels.to(device))
+        kwargs.setdefault("do_sample", False)
+        new_tokens = self.fusion.lm_generate(
+            self.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+            image_features=features, max_new_tokens=max_new_tokens, **kwargs,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def generate(
+        self, images: list[Image.Image] | None = None, prompt: str = "", max_new_tokens: int = 64, **kwargs: Any
+    ) -> str:
+        """Answer one prompt about the given images; images without a tag in the prompt go first."""
+        images = list(images or [])
+        missing = len(images) - prompt.count(self.config.image_token)
+        text = f"{self.config.image_token}\n" * max(missing, 0) + prompt
+        sample = Sample(id="prompt", messages=[{"role": "user", "content": text}], images=images)
+        batch = Collator(self.tokenizer.pad_token_id, "left")([self.processor(sample, for_generation=True)])
+        return self.generate_from_batch(batch, max_new_tokens, **kwargs)[0]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """A self-contained folder that loads offline; written to a temporary folder, then renamed in."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.vision.save_backbone_config(tmp / "vision")
+            self.lm.config.save_pretrained(tmp / "lm")
+            self.lm.generation_config.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if self.vision.library == "transformers":
+                self.vision.image_processor.save_pretrained(tmp)
+            else:
+                data_config = {k: v for k, v in self.vision.data_config.items()}
+                (tmp / "preprocessor_config.json").write_text(
+                    json.dumps({"image_processor_type": "timm", **data_config}, indent=2)
+                )
+            meta = {
+                "architectures": ["VLM"],
+                "model_type": "vlm",
+                "vision_library": self.vision.library,
+                "tokens_per_image": self.fusion.tokens_per_image,
+                "image_token_id": self.image_token_id,
+                "model": config_to_dict(self.config),
+            }
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            save_model(self, str(tmp / WEIGHTS_NAME))
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "VLM":
+        directory = Path(directory)
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
+        meta = json.loads((directory / "config.json").read_text())
+        config = from_dict(ModelConfig, meta["model"], "model.")
+        config.pretrained = None
+        vision = load_saved_encoder(
+            directory / "vision", meta["vision_library"], config.vision_feature_layer,
+            config.vision_drop_prefix_tokens, config.trust_remote_code,
+        )
+        lm_config = AutoConfig.from_pretrained(directory / "lm", trust_remote_code=config.trust_remote_code)
+        lm = AutoModelForCausalLM.from_config(lm_config, trust_remote_code=config.trust_remote_code)
+        lm.generation_config = lm.generation_config.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
+        fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm_config.get_text_config().hidden_size)
+        model = cls(config, vision, fusion, lm, tokenizer)
+        load_model(model, str(directory / WEIGHTS_NAME))
+        return model
