@@ -1,0 +1,71 @@
+"""A map-style dataset over `Sample`s that checks every sample up front and skips bad ones."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from .formats import read_samples
+from .processor import VLMProcessor
+from .sample import Sample, SampleError
+
+logger = logging.getLogger(__name__)
+
+
+class ConversationDataset(Dataset):
+    """Bad samples are dropped and counted at construction (cheap checks) or reported as
+    `{"skipped": ...}` items at load time (image decoding), so a run never dies mid-way
+    on one bad record. With `strict=True` the first bad sample raises instead.
+    """
+
+    def __init__(
+        self, samples: list[Sample], processor: VLMProcessor, strict: bool = False,
+        errors: list[SampleError] = (), for_generation: bool = False,
+    ) -> None:
+        self.processor = processor
+        self.strict = strict
+        self.for_generation = for_generation
+        self.problems: Counter[str] = Counter()
+        for err in errors:
+            self._report(err)
+        self.samples = []
+        for sample in samples:
+            try:
+                processor.check(sample)
+                self.samples.append(sample)
+            except SampleError as err:
+                self._report(err)
+
+    @classmethod
+    def from_files(
+        cls, files: list[str], processor: VLMProcessor, image_root: str | None = None, strict: bool = False,
+        for_generation: bool = False,
+    ) -> "ConversationDataset":
+        samples, errors = [], []
+        for file in files:
+            got, bad = read_samples(Path(file), image_root)
+            samples += got
+            errors += bad
+        return cls(samples, processor, strict, errors, for_generation)
+
+    def _report(self, err: SampleError) -> None:
+        if self.strict:
+            raise err
+        self.problems[err.category] += 1
+        logger.warning("Skipping %s", err)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        try:
+            return self.processor(sample, for_generation=self.for_generation)
+        except SampleError as err:
+            if self.strict:
+                raise
+            return {"skipped": err.sample_id, "category": err.category, "detail": err.detail}
