@@ -1,0 +1,269 @@
+"""Synthetic "coloured shapes" VQA data: the embedded default dataset.
+
+No data can be downloaded, so the quickstart renders its own images. The design keeps
+every question unambiguous for a patch-8 ViT at 64 px: all objects in an image are
+identical (same colour, shape and size), large is ~2x the radius of small, objects never
+overlap, and position is only defined (and only asked) for a single object, which is
+then placed clearly in one of four regions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 215, 20),
+    "purple": (140, 50, 190),
+    "orange": (250, 135, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+SIZES: tuple[str, ...] = ("small", "large")
+COUNTS: tuple[int, ...] = (1, 2, 3)
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
+QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "position", "size", "count")
+
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+# Half-extent of an object in pixels at 64 px; scaled with the image size.
+_RADIUS = {"small": (5.5, 6.8), "large": (11.5, 12.5)}
+# Object centre (fractions of the image side) for single-object scenes.
+_ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78)}
+_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+
+CAPTION_PROMPTS: tuple[str, ...] = (
+    "Describe the image.",
+    "What is in this picture?",
+    "Give a short caption for the image.",
+    "Describe what you see.",
+)
+
+# Placeholders: {is}/{Is} is/are, {obj} object(s), {shp} square(s), {pl} squares, {col}, {size}.
+_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": (
+        "What colour {is} the {shp}?",
+        "What color {is} the {obj}?",
+        "Which colour {is} the {size} {obj}?",
+        "What is the colour of the {shp}?",
+    ),
+    "shape": (
+        "What shape {is} the {col} {obj}?",
+        "Which shape is in the image?",
+        "What kind of shape {is} the {size} {obj}?",
+        "Name the shape.",
+    ),
+    "size": (
+        "{Is} the {shp} small or large?",
+        "What size {is} the {col} {shp}?",
+        "How big {is} the {obj}?",
+        "{Is} the {obj} large or small?",
+    ),
+    "count": (
+        "How many {pl} are there?",
+        "How many {col} objects are in the image?",
+        "How many objects can you see?",
+        "Count the shapes.",
+    ),
+    "position": (
+        "Where is the {shp}?",
+        "Where is the {col} {obj}?",
+        "On which side of the image is the {size} {shp}?",
+        "Where is the object located?",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image shows; `position` is set only when `count == 1`."""
+
+    colour: str
+    shape: str
+    size: str
+    count: int
+    position: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.colour not in COLOURS or self.shape not in SHAPES or self.size not in SIZES:
+            raise ValueError(f"unknown attribute in {self}")
+        if self.count not in COUNTS:
+            raise ValueError(f"count must be one of {COUNTS}, got {self.count}")
+        if (self.position is not None) != (self.count == 1) or self.position not in (None, *POSITIONS):
+            raise ValueError(f"position must be one of {POSITIONS} iff count == 1, got {self}")
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """Draw attributes uniformly; position only for single-object scenes."""
+    count = rng.choice(COUNTS)
+    return Scene(
+        colour=rng.choice(list(COLOURS)),
+        shape=rng.choice(SHAPES),
+        size=rng.choice(SIZES),
+        count=count,
+        position=rng.choice(POSITIONS) if count == 1 else None,
+    )
+
+
+def layout(scene: Scene, image_size: int = 64, rng: random.Random | None = None) -> list[tuple[float, float, float]]:
+    """Object placements as (cx, cy, radius) in pixels; non-overlapping and inside the image."""
+    rng = rng or random.Random(0)
+    scale = image_size / 64.0
+    lo, hi = _RADIUS[scene.size]
+    radius = rng.uniform(lo, hi) * scale
+    if scene.count == 1:
+        ax, ay = _ANCHORS[scene.position]
+        jitter, lo_c, hi_c = 2.5 * scale, radius + 2 * scale, image_size - radius - 2 * scale
+        cx, cy = (min(hi_c, max(lo_c, a * image_size + rng.uniform(-jitter, jitter))) for a in (ax, ay))
+        return [(cx, cy, radius)]
+    margin = radius + 2 * scale
+    gap = 2 * radius + 4 * scale
+    for _ in range(1000):
+        pts = [tuple(rng.uniform(margin, image_size - margin) for _ in "xy") for _ in range(scene.count)]
+        if all((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 >= gap**2 for i, a in enumerate(pts) for b in pts[i + 1 :]):
+            return [(x, y, radius) for x, y in pts]
+    # Rejection sampling practically never fails; fall back to a fixed, shuffled spread.
+    slots = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
+    rng.shuffle(slots)
+    return [(x * image_size, y * image_size, radius) for x, y in slots[: scene.count]]
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        s = 0.85 * r  # area close to the circle's so size is not confused with shape
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
+    if shape == "diamond":
+        d = 1.1 * r  # a bit larger, else small diamonds are too few pixels to tell from circles
+        return [(cx, cy - d), (cx + d, cy), (cx, cy + d), (cx - d, cy)]
+    raise ValueError(shape)
+
+
+def render_scene(scene: Scene, image_size: int = 64, rng: random.Random | None = None) -> Image.Image:
+    """Draw the scene on a plain light background; `rng` only jitters placement and tint."""
+    rng = rng or random.Random(0)
+    placements = layout(scene, image_size, rng)  # first, so layout() with the same rng state replays it
+    grey = rng.randint(225, 250)
+    image = Image.new("RGB", (image_size, image_size), (grey, grey, grey))
+    draw = ImageDraw.Draw(image)
+    fill = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLOURS[scene.colour])
+    for cx, cy, r in placements:
+        if scene.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(_polygon(scene.shape, cx, cy, r), fill=fill)
+    return image
+
+
+def caption(scene: Scene) -> str:
+    """E.g. 'two small blue squares.' or 'a large red circle on the left.'"""
+    if scene.count == 1:
+        return f"a {scene.size} {scene.colour} {scene.shape} {_WHERE[scene.position]}."
+    return f"{NUMBER_WORDS[scene.count]} {scene.size} {scene.colour} {scene.shape}s."
+
+
+def answer(scene: Scene, qtype: str) -> str:
+    """The single-word ground truth for a question type."""
+    if qtype == "count":
+        return str(scene.count)
+    if qtype == "position" and scene.position is None:
+        raise ValueError("position is only defined for single-object scenes")
+    return getattr(scene, qtype)
+
+
+def question_types(scene: Scene) -> list[str]:
+    """Types that have a well-defined answer for this scene."""
+    return [t for t in QUESTION_TYPES if t != "position" or scene.count == 1]
+
+
+def questions(scene: Scene, rng: random.Random | None = None) -> list[tuple[str, str, str]]:
+    """One (type, question, answer) per answerable type, with a randomly chosen phrasing.
+
+    Phrasings mention the other attributes but never the answer, so the model must read
+    which attribute is asked for and look at the image to answer it.
+    """
+    rng = rng or random.Random(repr(scene))
+    many = scene.count > 1
+    slots = {
+        "is": "are" if many else "is",
+        "Is": "Are" if many else "Is",
+        "obj": "objects" if many else "object",
+        "shp": scene.shape + ("s" if many else ""),
+        "pl": scene.shape + "s",
+        "col": scene.colour,
+        "size": scene.size,
+    }
+    return [(t, rng.choice(_TEMPLATES[t]).format(**slots), answer(scene, t)) for t in question_types(scene)]
+
+
+def _conversation(first_image: bool, turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv.append({"from": "human", "value": ("<image>\n" + q) if (i == 0 and first_image) else q})
+        conv.append({"from": "gpt", "value": a})
+    return conv
+
+
+def _write_split(out_dir: Path, split: str, n: int, image_size: int, seed: int) -> list[dict]:
+    # String seeds hash deterministically (sha512), so each split is reproducible on its own.
+    rng = random.Random(f"synthetic:{seed}:{split}")
+    samples: list[dict] = []
+    for i in range(n):
+        scene = random_scene(rng)
+        rel = f"images/{split}_{i:05d}.png"
+        render_scene(scene, image_size, rng).save(out_dir / rel)
+        qas = questions(scene, rng)
+        cap = caption(scene)
+        if split == "test":
+            for qtype, q, a in [("caption", rng.choice(CAPTION_PROMPTS), cap), *qas]:
+                samples.append({
+                    "id": f"test-{i:05d}-{qtype}",
+                    "image": rel,
+                    "conversations": _conversation(True, [(q, a)]),
+                    "type": qtype,
+                    "answers": [a],
+                })
+        else:
+            turns = [(rng.choice(CAPTION_PROMPTS), cap)] + [(q, a) for _, q, a in qas]
+            rng.shuffle(turns)
+            samples.append({"id": f"{split}-{i:05d}", "image": rel, "conversations": _conversation(True, turns)})
+    return samples
+
+
+def make_synthetic_dataset(
+    out_dir: str | Path,
+    n_train: int,
+    n_eval: int,
+    n_test: int,
+    image_size: int = 64,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Render images and write LLaVA-style train/eval JSON and per-question test JSON."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for split, n in (("train", n_train), ("eval", n_eval), ("test", n_test)):
+        samples = _write_split(out_dir, split, n, image_size, seed)
+        paths[split] = out_dir / f"{split}.json"
+        paths[split].write_text(json.dumps(samples, indent=1))
+    return paths
+
+
+def text_corpus(n: int, seed: int) -> list[str]:
+    """`n` lines of caption and question-answer text, for the tokenizer and LM pre-training."""
+    rng = random.Random(f"corpus:{seed}")
+    lines: list[str] = []
+    while len(lines) < n:
+        scene = random_scene(rng)
+        if rng.random() < 0.3:
+            lines.append(f"{rng.choice(CAPTION_PROMPTS)} {caption(scene)}")
+        else:
+            _, q, a = rng.choice(questions(scene, rng))
+            lines.append(f"{q} {a}")
+    return lines
