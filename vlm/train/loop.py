@@ -89,9 +89,7 @@ def train(config: Config) -> dict[str, Any]:
     )
     set_seed(config.train.seed)
     model = VLM.from_config(config.model)
-    table = apply_stage(model, config.train.stage)
-    if accelerator.is_main_process:
-        print(f"Trainable parameters (stage '{config.train.stage}'):\n{table}", flush=True)
+    apply_stage(model, config.train.stage)
     if config.train.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.processor.max_length = config.data.max_length

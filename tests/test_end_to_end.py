@@ -1,0 +1,70 @@
+"""Train the tiny VLM for a few dozen steps through the real entry points; the loss must fall."""
+
+import json
+
+import pytest
+
+from vlm.cli import main
+from vlm.model import VLM
+
+
+@pytest.fixture(scope="module")
+def trained(backbones, synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = out / "config.yaml"
+    config.write_text(
+        f"""
+model:
+  vision: {backbones['vit']}
+  lm: {backbones['lm']}
+  fusion: projector
+  projector: pixel_shuffle
+data:
+  train_files: [{synthetic['train']}]
+  eval_files: [{synthetic['eval']}]
+train:
+  stage: finetune
+  max_steps: 40
+  batch_size: 8
+  lr: 1.0e-3
+  fusion_lr: 2.0e-3
+  warmup_steps: 4
+  eval_every: 20
+  report_to: tensorboard
+output_dir: {out}
+"""
+    )
+    assert main(["train", str(config), "train.seed=1"]) == 0
+    return out
+
+
+def test_loss_falls_substantially(trained):
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["steps"] == 40
+    assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
+    assert summary["eval_loss"] < summary["first_loss"]
+    assert list(trained.rglob("events.out.tfevents.*")), "TensorBoard logs are written by default"
+
+
+def test_final_model_predicts_and_evaluates(trained, synthetic, capsys):
+    assert VLM.from_pretrained(trained / "final").fusion.tokens_per_image > 0
+    preds = trained / "preds.jsonl"
+    assert main(["predict", "--model", str(trained / "final"), "--data", str(synthetic["test"]),
+                 "--out", str(preds), "--max-new-tokens", "12", "--batch-size", "8"]) == 0
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    expected_ids = {s["id"] for s in json.loads(synthetic["test"].read_text())}
+    assert {line["id"] for line in lines} == expected_ids
+    capsys.readouterr()
+    assert main(["eval", "--predictions", str(preds), "--data", str(synthetic["test"])]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["num_samples"] == len(expected_ids)
+    assert 0.0 <= metrics["vqa"]["accuracy"] <= 1.0
+    assert set(metrics["vqa"]["per_type"]) >= {"colour", "shape", "size", "count"}
+    assert "cider_d" in metrics["caption"]
+
+
+def test_bad_config_key_is_reported_by_the_cli(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("train:\n  max_step: 3\n")
+    assert main(["train", str(config)]) == 2
+    assert "Unknown config key 'train.max_step'" in capsys.readouterr().err
