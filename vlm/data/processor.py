@@ -148,12 +148,17 @@ class VLMProcessor:
         return ids, labels
 
     def _expand_images(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """Each image token becomes `tokens_per_image` copies; the fusion fills them in the model."""
+        """Each image token becomes `tokens_per_image` copies; the fusion fills them in the model.
+
+        Strategies that occupy no positions (tokens_per_image == 0) keep one image token as a
+        plain marker, so they can still tell where in the text each image appears.
+        """
+        copies = self.tokens_per_image or 1
         out_ids, out_labels = [], []
         for token, label in zip(ids, labels):
             if token == self.image_token_id:
-                out_ids += [token] * self.tokens_per_image
-                out_labels += [IGNORE_INDEX] * self.tokens_per_image
+                out_ids += [token] * copies
+                out_labels += [IGNORE_INDEX] * copies
             else:
                 out_ids.append(token)
                 out_labels.append(label)
