@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPModel
 
 from vlm.encoders import load_vision_encoder
 from vlm.encoders.hf_encoder import HFVisionEncoder
@@ -52,23 +52,6 @@ def test_timm_preprocessing_comes_from_the_backbone_config(backbones):
     assert pixels.shape == tuple(config["input_size"])
     expected_red = (1.0 - config["mean"][0]) / config["std"][0]
     assert pixels[0].mean().item() == pytest.approx(expected_red, abs=1e-4)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A dual-tower CLIP checkpoint folder: only its vision half must be loaded."""
-    path = tmp_path_factory.mktemp("clip")
-    config = CLIPConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=99),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
 
 
 def test_hf_dual_tower_loads_vision_half_and_drops_cls(tiny_clip):

@@ -103,3 +103,36 @@ def test_batched_generation_matches_one_by_one(tiny_vlm, images):
     api = tiny_vlm.generate(images=[Image.open(images[0])], prompt="What colour is the shape?", max_new_tokens=6,
                             min_new_tokens=6)
     assert api == together[0]
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_vlm, images):
+    from vlm.train.freezing import apply_stage
+
+    apply_stage(tiny_vlm, "finetune")
+    tiny_vlm.train()
+    batch = mixed_batch(tiny_vlm, images)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+
+    def grads():
+        tiny_vlm.zero_grad()
+        tiny_vlm(**inputs).loss.backward()
+        return [p.grad.clone() for p in tiny_vlm.parameters() if p.requires_grad]
+
+    plain = grads()
+    tiny_vlm.lm.activation_checkpointing_enable({"use_reentrant": False})
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b)
+
+
+def test_build_processor_matches_the_model_processor(tiny_vlm, model_config, images, tmp_path):
+    from vlm.config import ModelConfig
+
+    sample = Sample("s", [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "red"}],
+                    images[:1])
+    expected = tiny_vlm.processor(sample)
+    tiny_vlm.save_pretrained(tmp_path / "saved")
+    for config in (model_config, ModelConfig(pretrained=str(tmp_path / "saved"))):
+        got = VLM.build_processor(config)(sample)
+        assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+        torch.testing.assert_close(got["pixel_values"], expected["pixel_values"])

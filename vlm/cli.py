@@ -1,4 +1,4 @@
-"""`vlm train | predict | eval`: the command-line entry points."""
+"""`vlm train | predict | eval | export | data check`: the command-line entry points."""
 
 from __future__ import annotations
 
@@ -35,6 +35,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from .data.check import check_data
+    from .model import VLM
+
+    processor, image_root = None, args.image_root
+    if args.config:
+        config = load_config(args.config)
+        processor = VLM.build_processor(config.model)
+        processor.max_length = config.data.max_length
+        image_root = image_root or config.data.image_root
+    report = check_data(args.files, processor, image_root)
+    print(report.render())
+    return 1 if report.bad else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .hub.export import ExportError, export_llava_hf
+    from .model import VLM
+
+    try:
+        out = export_llava_hf(VLM.from_pretrained(args.model), args.out)
+    except ExportError as err:
+        print(f"Cannot export: {err}", file=sys.stderr)
+        return 2
+    print(f"Wrote a transformers LlavaForConditionalGeneration checkpoint to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--predictions", required=True)
     evaluate.add_argument("--data", required=True)
     evaluate.set_defaults(run=_eval)
+
+    export = commands.add_parser("export", help="export to a transformers-native format")
+    export.add_argument("--model", required=True, help="a saved VLM folder")
+    export.add_argument("--format", required=True, choices=["llava-hf"])
+    export.add_argument("--out", required=True)
+    export.set_defaults(run=_export)
+
+    data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="read every sample as training would and report problems")
+    check.add_argument("files", nargs="+", help="LLaVA JSON / messages JSONL files")
+    check.add_argument("--config", help="training config: adds chat-template tokenisation and length checks")
+    check.add_argument("--image-root", default=None, help="folder image paths are relative to")
+    check.set_defaults(run=_data_check)
     return parser
 
 

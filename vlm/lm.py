@@ -29,19 +29,27 @@ def load_language_model(
     return lm, tokenizer
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel, image_token: str) -> None:
-    """Add what a VLM needs to a text tokenizer, and grow the LM's embeddings to match."""
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str) -> str | None:
+    """Add the image token, a chat template if there is none, and a pad token.
+
+    Returns the end-of-turn token when the project's default template was applied (the LM
+    must then also stop generating at it), else None.
+    """
     added = [image_token]
+    end_of_turn = None
     if not tokenizer.chat_template:
         logger.info("Tokenizer has no chat template: using the project's default (ChatML).")
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         added += [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
         end_of_turn = "<|im_end|>"
-    else:
-        end_of_turn = None
     tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return end_of_turn
+
+
+def fit_lm_to_tokenizer(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None) -> None:
+    """Grow the embeddings for added tokens and make generation stop at the end of a turn."""
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if end_of_turn is not None:

@@ -22,7 +22,7 @@ from .data.processor import VLMProcessor
 from .data.sample import Sample
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
 from .fusion import Fusion, build_fusion
-from .lm import load_language_model, prepare_tokenizer
+from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -65,9 +65,24 @@ class VLM(nn.Module):
             config.vision, config.vision_feature_layer, config.vision_drop_prefix_tokens, config.trust_remote_code
         )
         lm, tokenizer = load_language_model(config.lm, config.trust_remote_code)
-        prepare_tokenizer(tokenizer, lm, config.image_token)
+        fit_lm_to_tokenizer(lm, tokenizer, prepare_tokenizer(tokenizer, config.image_token))
         fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm.config.get_text_config().hidden_size)
         return cls(config, vision, fusion, lm, tokenizer)
+
+    @staticmethod
+    def build_processor(config: ModelConfig) -> VLMProcessor:
+        """The processor `from_config` would give, without loading the LM's weights (for data checks)."""
+        if config.pretrained:
+            config, vision, tokenizer, lm_config = _saved_parts(Path(config.pretrained))
+        else:
+            vision = load_vision_encoder(
+                config.vision, config.vision_feature_layer, config.vision_drop_prefix_tokens, config.trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
+            prepare_tokenizer(tokenizer, config.image_token)
+            lm_config = AutoConfig.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
+        fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm_config.get_text_config().hidden_size)
+        return VLMProcessor(tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[num_images, 3, H, W] -> vision features [num_images, num_patches, vision_dim]."""
@@ -165,20 +180,26 @@ class VLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VLM":
         directory = Path(directory)
-        if not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
-        meta = json.loads((directory / "config.json").read_text())
-        config = from_dict(ModelConfig, meta["model"], "model.")
-        config.pretrained = None
-        vision = load_saved_encoder(
-            directory / "vision", meta["vision_library"], config.vision_feature_layer,
-            config.vision_drop_prefix_tokens, config.trust_remote_code,
-        )
-        lm_config = AutoConfig.from_pretrained(directory / "lm", trust_remote_code=config.trust_remote_code)
+        config, vision, tokenizer, lm_config = _saved_parts(directory)
         lm = AutoModelForCausalLM.from_config(lm_config, trust_remote_code=config.trust_remote_code)
         lm.generation_config = lm.generation_config.from_pretrained(directory)
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
         fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm_config.get_text_config().hidden_size)
         model = cls(config, vision, fusion, lm, tokenizer)
         load_model(model, str(directory / WEIGHTS_NAME))
         return model
+
+
+def _saved_parts(directory: Path) -> tuple[ModelConfig, VisionEncoder, PreTrainedTokenizerBase, PretrainedConfig]:
+    """Config, vision tower (architecture only), tokenizer and LM config of a saved VLM folder."""
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
+    meta = json.loads((directory / "config.json").read_text())
+    config = from_dict(ModelConfig, meta["model"], "model.")
+    config.pretrained = None
+    vision = load_saved_encoder(
+        directory / "vision", meta["vision_library"], config.vision_feature_layer,
+        config.vision_drop_prefix_tokens, config.trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
+    lm_config = AutoConfig.from_pretrained(directory / "lm", trust_remote_code=config.trust_remote_code)
+    return config, vision, tokenizer, lm_config

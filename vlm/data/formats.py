@@ -59,11 +59,13 @@ def _to_sample(record: Any, sample_id: str, root: Path) -> Sample:
             if role is None:
                 raise SampleError(sample_id, "malformed", f"unknown speaker {turn.get('from')!r}; use human / gpt / system.")
             messages.append({"role": role, "content": str(turn.get("value", ""))})
+        source_format = "llava"
     elif "messages" in record:
         messages = [{"role": m.get("role", ""), "content": _text(m.get("content", ""))} for m in record["messages"]]
+        source_format = "messages"
     else:
         raise SampleError(sample_id, "malformed", "has neither 'conversations' (LLaVA) nor 'messages'.")
-    return Sample(id=sample_id, messages=messages, images=resolved, meta=meta)
+    return Sample(id=sample_id, messages=messages, images=resolved, meta=meta, source_format=source_format)
 
 
 def _text(content: Any) -> str:

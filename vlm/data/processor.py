@@ -66,55 +66,10 @@ class VLMProcessor:
         }
 
     def check(self, sample: Sample) -> None:
-        """Structural checks that need no image decoding; raise `SampleError` naming the sample."""
-        if not sample.messages:
-            raise SampleError(sample.id, "empty", "has no messages.")
-        expected = "user"
-        for i, message in enumerate(sample.messages):
-            role, content = message.get("role"), message.get("content")
-            if role not in ROLES:
-                raise SampleError(sample.id, "malformed", f"message {i} has role {role!r}; use one of {ROLES}.")
-            if not isinstance(content, str) or not content.strip():
-                raise SampleError(sample.id, "empty_turn", f"message {i} ({role}) is empty.")
-            if role == "system":
-                if i != 0:
-                    raise SampleError(sample.id, "alternation", "a system message may only come first.")
-                continue
-            if role != expected:
-                raise SampleError(
-                    sample.id, "alternation", f"message {i} is from {role} but {expected} was expected; "
-                    "turns must alternate user / assistant, starting with user.",
-                )
-            if role == "assistant" and self.image_token in content:
-                raise SampleError(sample.id, "image_in_answer", f"assistant message {i} contains {self.image_token}.")
-            expected = "assistant" if role == "user" else "user"
-        tags = sum(m["content"].count(self.image_token) for m in sample.messages)
-        if tags != len(sample.images):
-            raise SampleError(
-                sample.id, "image_tag_mismatch",
-                f"has {tags} {self.image_token} tag(s) but {len(sample.images)} image(s); "
-                f"put one {self.image_token} in the text for each image.",
-            )
-        for image in sample.images:
-            if isinstance(image, str) and not Path(image).is_file():
-                raise SampleError(
-                    sample.id, "missing_image", f"image file '{image}' does not exist (check data.image_root)."
-                )
+        check_sample(sample, self.image_token)
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
-        images = []
-        for image in sample.images:
-            if isinstance(image, Image.Image):
-                images.append(image)
-                continue
-            try:
-                with Image.open(image) as opened:
-                    images.append(opened.convert("RGB"))
-            except FileNotFoundError:
-                raise SampleError(sample.id, "missing_image", f"image file '{image}' does not exist.") from None
-            except (UnidentifiedImageError, OSError) as err:
-                raise SampleError(sample.id, "corrupt_image", f"image file '{image}' cannot be decoded ({err}).") from None
-        return images
+        return load_images(sample)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -163,3 +118,57 @@ class VLMProcessor:
                 out_ids.append(token)
                 out_labels.append(label)
         return out_ids, out_labels
+
+
+def check_sample(sample: Sample, image_token: str) -> None:
+    """Structural checks that need no image decoding; raise `SampleError` naming the sample."""
+    if not sample.messages:
+        raise SampleError(sample.id, "empty", "has no messages.")
+    expected = "user"
+    for i, message in enumerate(sample.messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise SampleError(sample.id, "malformed", f"message {i} has role {role!r}; use one of {ROLES}.")
+        if not isinstance(content, str) or not content.strip():
+            raise SampleError(sample.id, "empty_turn", f"message {i} ({role}) is empty.")
+        if role == "system":
+            if i != 0:
+                raise SampleError(sample.id, "alternation", "a system message may only come first.")
+            continue
+        if role != expected:
+            raise SampleError(
+                sample.id, "alternation", f"message {i} is from {role} but {expected} was expected; "
+                "turns must alternate user / assistant, starting with user.",
+            )
+        if role == "assistant" and image_token in content:
+            raise SampleError(sample.id, "image_in_answer", f"assistant message {i} contains {image_token}.")
+        expected = "assistant" if role == "user" else "user"
+    tags = sum(m["content"].count(image_token) for m in sample.messages)
+    if tags != len(sample.images):
+        raise SampleError(
+            sample.id, "image_tag_mismatch",
+            f"has {tags} {image_token} tag(s) but {len(sample.images)} image(s); "
+            f"put one {image_token} in the text for each image.",
+        )
+    for image in sample.images:
+        if isinstance(image, str) and not Path(image).is_file():
+            raise SampleError(
+                sample.id, "missing_image", f"image file '{image}' does not exist (check data.image_root)."
+            )
+
+
+def load_images(sample: Sample) -> list[Image.Image]:
+    """Decode every image of a sample; a missing or undecodable file is a `SampleError`."""
+    images = []
+    for image in sample.images:
+        if isinstance(image, Image.Image):
+            images.append(image)
+            continue
+        try:
+            with Image.open(image) as opened:
+                images.append(opened.convert("RGB"))
+        except FileNotFoundError:
+            raise SampleError(sample.id, "missing_image", f"image file '{image}' does not exist.") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise SampleError(sample.id, "corrupt_image", f"image file '{image}' cannot be decoded ({err}).") from None
+    return images

@@ -36,6 +36,8 @@ class Sample:
     messages: list[dict[str, str]]
     images: list[ImageRef] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    source_format: str = ""
+    """Which reader produced it (`llava`, `messages`), for data reports."""
 
     def prompt_messages(self) -> list[dict[str, str]]:
         """The conversation up to and including its last user turn: what a model answers at inference."""

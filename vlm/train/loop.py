@@ -91,7 +91,7 @@ def train(config: Config) -> dict[str, Any]:
     model = VLM.from_config(config.model)
     apply_stage(model, config.train.stage)
     if config.train.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.lm.activation_checkpointing_enable({"use_reentrant": False})
     model.processor.max_length = config.data.max_length
 
     train_set = ConversationDataset.from_files(

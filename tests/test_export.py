@@ -1,0 +1,58 @@
+"""The llava-hf export must load in plain transformers and compute exactly what our model computes."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from vlm.cli import main
+from vlm.config import ModelConfig
+from vlm.data.collator import Collator
+from vlm.data.sample import Sample
+from vlm.model import VLM
+
+
+@pytest.fixture(scope="module")
+def exported(backbones, tiny_clip, tmp_path_factory):
+    torch.manual_seed(0)
+    model = VLM.from_config(ModelConfig(vision=f"hf:{tiny_clip}", lm=str(backbones["lm"]), projector="mlp2x_gelu"))
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.normal_(0, 0.05)
+    root = tmp_path_factory.mktemp("export")
+    model.save_pretrained(root / "ours")
+    assert main(["export", "--model", str(root / "ours"), "--format", "llava-hf", "--out", str(root / "llava")]) == 0
+    return VLM.from_pretrained(root / "ours").eval(), root / "llava"
+
+
+def test_transformers_llava_gives_our_logits_and_tokens(exported, tmp_path):
+    ours, folder = exported
+    llava = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = LlavaProcessor.from_pretrained(folder)
+    image = Image.new("RGB", (48, 40), (200, 60, 30))
+    image.save(tmp_path / "im.png")
+    sample = Sample("s", [{"role": "user", "content": "<image>\nWhat colour is it?"}], [str(tmp_path / "im.png")])
+    batch = Collator(ours.tokenizer.pad_token_id, "left")([ours.processor(sample, for_generation=True)])
+
+    # The exported processor alone (chat template + image expansion) builds the same inputs.
+    prompt = processor.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
+    theirs = processor(images=image, text=prompt, return_tensors="pt")
+    assert theirs["input_ids"].tolist() == batch["input_ids"].tolist()
+    torch.testing.assert_close(theirs["pixel_values"], batch["pixel_values"])
+
+    with torch.no_grad():
+        expected = ours(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        got = llava(**theirs).logits
+    assert (got - expected).abs().max().item() <= 1e-4
+
+    ours_text = ours.generate_from_batch(batch, max_new_tokens=8, min_new_tokens=8)
+    new = llava.generate(**theirs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    theirs_text = processor.batch_decode(new[:, theirs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [t.strip() for t in theirs_text] == ours_text
+
+
+def test_non_llava_shapes_are_refused_with_the_reason(backbones, tmp_path, capsys):
+    model = VLM.from_config(ModelConfig(vision=str(backbones["vit"]), lm=str(backbones["lm"])))
+    model.save_pretrained(tmp_path / "timm")
+    assert main(["export", "--model", str(tmp_path / "timm"), "--format", "llava-hf", "--out", str(tmp_path / "x")]) == 2
+    assert "needs a transformers vision tower" in capsys.readouterr().err

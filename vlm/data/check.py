@@ -1,0 +1,74 @@
+"""`vlm data check`: read every sample through the trainer's own code path before a long run."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .formats import read_samples
+from .processor import VLMProcessor, check_sample, load_images
+from .sample import IMAGE_TAG, SampleError
+
+
+@dataclass
+class DataReport:
+    samples: int = 0
+    formats: Counter = field(default_factory=Counter)
+    images_per_sample: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+    """Tokens per good sample, image tokens included (empty when no processor was given)."""
+    problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    details: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bad(self) -> int:
+        return sum(len(ids) for ids in self.problems.values())
+
+    def render(self, max_ids: int = 20) -> str:
+        lines = [f"samples: {self.samples} ({self.samples - self.bad} good, {self.bad} bad)"]
+        lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())))
+        lines.append("images per sample: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.images_per_sample.items())))
+        if self.lengths:
+            ordered = sorted(self.lengths)
+            pct = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+            lines.append(
+                f"tokens per sample (image tokens included): min {ordered[0]}, median {statistics.median(ordered):.0f}, "
+                f"p95 {pct(0.95)}, max {ordered[-1]}"
+            )
+        for category, ids in sorted(self.problems.items()):
+            shown = ", ".join(ids[:max_ids]) + (f", ... (+{len(ids) - max_ids})" if len(ids) > max_ids else "")
+            lines.append(f"PROBLEM {category}: {len(ids)} sample(s): {shown}")
+            lines.append(f"    e.g. {self.details[category]}")
+        return "\n".join(lines)
+
+
+def check_data(
+    files: list[str | Path], processor: VLMProcessor | None = None, image_root: str | Path | None = None
+) -> DataReport:
+    """Every sample goes through what training does with it: parsing, structure checks, image
+    decoding and, with a processor, tokenisation with the chat template and the length limit."""
+    report = DataReport()
+    for file in files:
+        samples, errors = read_samples(file, image_root)
+        report.samples += len(samples) + len(errors)
+        for err in errors:
+            _record(report, err)
+        for sample in samples:
+            report.formats[sample.source_format] += 1
+            report.images_per_sample[len(sample.images)] += 1
+            try:
+                if processor is None:
+                    check_sample(sample, IMAGE_TAG)
+                    load_images(sample)
+                else:
+                    report.lengths.append(len(processor(sample)["input_ids"]))
+            except SampleError as err:
+                _record(report, err)
+    return report
+
+
+def _record(report: DataReport, err: SampleError) -> None:
+    report.problems[err.category].append(err.sample_id)
+    report.details.setdefault(err.category, str(err))

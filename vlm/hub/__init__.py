@@ -1,0 +1,1 @@
+"""Sharing checkpoints: export to transformers-native formats."""

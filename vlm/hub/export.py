@@ -1,0 +1,89 @@
+"""Export to transformers' own `LlavaForConditionalGeneration`, loadable with no code from this repo.
+
+Possible when the VLM is LLaVA-shaped: a transformers vision tower (CLIP / SigLIP), the
+`mlp2x_gelu` projector, and a decoder LM that Llava can host (Llama, Mistral, Qwen2, ...).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from ..model import VLM
+
+
+class ExportError(ValueError):
+    """The model cannot be expressed in the requested format; the message says why."""
+
+
+def export_llava_hf(model: VLM, out: str | Path) -> Path:
+    """Write a `LlavaForConditionalGeneration` folder plus its `LlavaProcessor` to `out` (atomically)."""
+    vision, fusion, lm = model.vision, model.fusion, model.lm
+    if vision.library != "transformers":
+        raise ExportError(
+            f"llava-hf export needs a transformers vision tower (model.vision=hf:...), not {vision.library}:{vision.source}."
+        )
+    if model.config.fusion != "projector" or model.config.projector != "mlp2x_gelu":
+        raise ExportError(
+            f"llava-hf export needs model.fusion=projector with model.projector=mlp2x_gelu, "
+            f"not {model.config.fusion}/{model.config.projector}."
+        )
+    num_prefix = vision._num_prefix
+    if num_prefix == 1:
+        strategy, extra_tokens = "default", 1  # Llava drops exactly one CLS token
+    elif num_prefix == 0:
+        strategy, extra_tokens = "full", vision.num_patches - _grid_tokens(vision)  # Llava keeps them all
+    else:
+        raise ExportError(
+            f"Llava can drop exactly one prefix token; this tower drops {num_prefix}. "
+            "Set model.vision_drop_prefix_tokens to match or use another format."
+        )
+    config = LlavaConfig(
+        vision_config=vision.model.config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_index=model.image_token_id,
+        image_seq_length=fusion.tokens_per_image,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=model.config.vision_feature_layer,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    llava = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        llava.model.vision_tower.load_state_dict(vision.model.state_dict())
+        llava.model.multi_modal_projector.linear_1.load_state_dict(fusion.proj[0].state_dict())
+        llava.model.multi_modal_projector.linear_2.load_state_dict(fusion.proj[2].state_dict())
+        llava.model.language_model.load_state_dict(lm.get_decoder().state_dict())
+        llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    llava.generation_config = lm.generation_config
+    processor = LlavaProcessor(
+        image_processor=vision.image_processor,
+        tokenizer=model.tokenizer,
+        patch_size=vision.model.config.patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=model.tokenizer.chat_template,
+        image_token=model.config.image_token,
+        num_additional_image_tokens=extra_tokens,
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        llava.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _grid_tokens(vision) -> int:
+    config = vision.model.config
+    return (config.image_size // config.patch_size) ** 2
