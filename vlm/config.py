@@ -38,6 +38,14 @@ class ModelConfig:
     """Drop CLS / register tokens so only patch tokens reach the LM."""
     image_token: str = "<image>"
     trust_remote_code: bool = False
+    cross_attn_every_n_layers: int = 4
+    """`fusion: cross_attention`: a gated cross-attention block before every n-th LM layer (1: every layer)."""
+    cross_attn_heads: Optional[int] = None
+    """`fusion: cross_attention`: attention heads of each block; by default the LM's."""
+    resampler_depth: int = 0
+    """`fusion: cross_attention`: Perceiver-resampler layers before the blocks (0: patch tokens, linearly projected)."""
+    resampler_latents: int = 64
+    """`fusion: cross_attention` with a resampler: visual tokens per image (learned latents)."""
 
 
 @dataclass
@@ -51,6 +59,10 @@ class DataConfig:
     strict: bool = False
     """Stop at the first bad sample instead of skipping and counting it."""
     num_workers: int = 0
+    cache_features: bool = False
+    """Compute the frozen encoder's outputs once, store them on disk, and skip the encoder afterwards."""
+    cache_dir: Optional[str] = None
+    """Where the feature cache lives (default: `output_dir/feature_cache`); safe to share between runs."""
 
 
 @dataclass

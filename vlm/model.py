@@ -49,6 +49,7 @@ class VLM(nn.Module):
         self.fusion = fusion
         self.lm = lm
         self.tokenizer = tokenizer
+        fusion.attach(lm)
         self.processor = VLMProcessor(
             tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image
         )
@@ -89,13 +90,21 @@ class VLM(nn.Module):
         return self.vision(pixel_values)
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token embeddings [batch, seq, lm_dim] with image positions filled by the fusion, in one scatter."""
+        """Token embeddings [batch, seq, lm_dim] with image positions filled by the fusion, in one scatter.
+
+        image_features [num_images, patches, vision_dim], when given (feature cache), stand in
+        for running the tower on pixel_values.
+        """
         embeds = self.lm.get_input_embeddings()(input_ids)
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        if image_features is not None:
+            features = image_features.to(embeds.device)
+        elif pixel_values is None or pixel_values.shape[0] == 0:
             return embeds, None
-        features = self.encode_images(pixel_values)
+        else:
+            features = self.encode_images(pixel_values)
         if self.fusion.tokens_per_image:
             image_embeds = self.fusion.embed_images(features).to(embeds.dtype)
             mask = input_ids == self.image_token_id
@@ -109,13 +118,13 @@ class VLM(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None, **kwargs: Any,
+        labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
         """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W]."""
-        embeds, features = self.embed(input_ids, pixel_values)
+        embeds, features = self.embed(input_ids, pixel_values, image_features)
         return self.fusion.lm_forward(
             self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-            labels=labels, **kwargs,
+            image_mask=input_ids == self.image_token_id, labels=labels, **kwargs,
         )
 
     @torch.no_grad()
@@ -128,7 +137,8 @@ class VLM(nn.Module):
         kwargs.setdefault("do_sample", False)
         new_tokens = self.fusion.lm_generate(
             self.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
-            image_features=features, max_new_tokens=max_new_tokens, **kwargs,
+            image_features=features, image_mask=input_ids == self.image_token_id, max_new_tokens=max_new_tokens,
+            **kwargs,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -156,9 +166,8 @@ class VLM(nn.Module):
             if self.vision.library == "transformers":
                 self.vision.image_processor.save_pretrained(tmp)
             else:
-                data_config = {k: v for k, v in self.vision.data_config.items()}
                 (tmp / "preprocessor_config.json").write_text(
-                    json.dumps({"image_processor_type": "timm", **data_config}, indent=2)
+                    json.dumps({"image_processor_type": "timm", **self.vision.preprocessing_config()}, indent=2)
                 )
             meta = {
                 "architectures": ["VLM"],

@@ -3,8 +3,8 @@
 1. `tokens_per_image`: how many text positions one image occupies (0 for strategies that
    reach the LM another way, such as cross-attention or late fusion).
 2. `embed_images`: what fills those positions.
-3. `lm_forward` / `lm_generate`: what else changes in the LM's forward (blocks inserted,
-   logits combined). The default is an unchanged LM call.
+3. `attach` / `lm_forward` / `lm_generate`: what else changes in the LM's forward (blocks
+   inserted, logits combined). The default is an unchanged LM call.
 
 Adding a strategy is one file that subclasses `Fusion` and registers itself by name.
 """
@@ -40,16 +40,24 @@ class Fusion(nn.Module, ABC):
     def embed_images(self, features: torch.Tensor) -> torch.Tensor:
         """features [num_images, num_patches, vision_dim] -> [num_images, tokens_per_image, lm_dim]."""
 
+    def attach(self, lm: nn.Module) -> None:
+        """Install what the strategy needs inside the LM (e.g. wrap decoder layers); called once by the
+        VLM at construction, before any weights are loaded. Default: nothing."""
+
     def lm_forward(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, **kwargs: Any,
+        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
-        """Run the LM on embeddings whose image positions are already filled."""
+        """Run the LM on embeddings whose image positions are already filled.
+
+        image_mask [batch, seq]: True at image-token positions (with tokens_per_image == 0, one marker
+        per image), for strategies that need to know where each image sits in the text.
+        """
         return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def lm_generate(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, **kwargs: Any,
+        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
     ) -> torch.Tensor:
         """Generate new tokens [batch, new_tokens] from a left-padded prompt."""
         return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

@@ -1,0 +1,227 @@
+"""`model.fusion: cross_attention`: gated blocks start as the identity, see only the most recent
+image, generate identically with and without the KV cache, round-trip, and train in align."""
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_model
+
+from vlm.data.collator import Collator
+from vlm.data.sample import Sample
+from vlm.fusion.decoder_layers import PreLayerWrapper
+from vlm.model import WEIGHTS_NAME, VLM
+
+torch.set_num_threads(1)
+
+RED, BLUE, GREEN = (200, 30, 30), (30, 30, 200), (30, 200, 30)
+
+
+def build(model_config, every_n: int = 2) -> VLM:
+    torch.manual_seed(0)
+    config = dataclasses.replace(model_config, fusion="cross_attention", cross_attn_every_n_layers=every_n)
+    return VLM.from_config(config).eval()
+
+
+def open_gates(model: VLM, value: float = 1.0) -> None:
+    with torch.no_grad():
+        for block in model.fusion.blocks.values():
+            block.attn_gate.fill_(value)
+            block.ffn_gate.fill_(value)
+
+
+def batch_of(model: VLM, specs: list[tuple[str, list]], padding_side: str = "right", prompt: bool = False) -> dict:
+    answer = [] if prompt else [{"role": "assistant", "content": "ok"}]
+    samples = [
+        Sample(f"s{i}", [{"role": "user", "content": text}] + answer, [Image.new("RGB", (64, 64), c) for c in colours])
+        for i, (text, colours) in enumerate(specs)
+    ]
+    encoded = [model.processor(s, for_generation=prompt) for s in samples]
+    return Collator(model.tokenizer.pad_token_id, padding_side)(encoded)
+
+
+def forward(model: VLM, batch: dict, **kwargs) -> torch.Tensor:
+    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **kwargs)
+
+
+def generate(model: VLM, batch: dict, **kwargs) -> torch.Tensor:
+    embeds, features = model.embed(batch["input_ids"], batch["pixel_values"])
+    return model.fusion.lm_generate(
+        model.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"], image_features=features,
+        image_mask=batch["input_ids"] == model.image_token_id, do_sample=False, **kwargs,
+    )
+
+
+MIXED = [("Look <image> then <image>, which?", [RED, BLUE]), ("Only text here, a longer prompt.", []),
+         ("<image>\nColour?", [GREEN])]
+
+
+def test_layers_are_wrapped_without_changing_checkpoint_keys(model_config):
+    model = build(model_config, every_n=2)
+    layers = model.lm.model.layers
+    assert [isinstance(layer, PreLayerWrapper) for layer in layers] == [False, True, False, True]
+    assert sorted(model.fusion.blocks) == ["1", "3"]
+    plain = VLM.from_config(model_config)
+    assert set(model.lm.state_dict()) == set(plain.lm.state_dict())
+
+
+@torch.no_grad()
+def test_at_init_logits_equal_the_base_lm(model_config):
+    model = build(model_config, every_n=1)
+    batch = batch_of(model, MIXED)
+    ours = forward(model, batch).logits
+    base = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(ours, base, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_open_gates_change_only_tokens_at_or_after_an_image(model_config):
+    model = build(model_config)
+    open_gates(model)
+    batch = batch_of(model, MIXED)
+    ours = forward(model, batch).logits
+    base = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    changed = (ours - base).abs().amax(-1) > 1e-4  # [batch, seq]
+    seen_image = (batch["input_ids"] == model.image_token_id).cumsum(1) > 0
+    real = batch["attention_mask"].bool()
+    assert not changed[~seen_image].any()
+    assert changed[seen_image & real].all()
+    assert not changed[1].any()  # the text-only sample
+
+
+@torch.no_grad()
+def test_tokens_see_only_the_most_recent_image(model_config):
+    # End to end, tokens after the second image still read tokens between the images through the
+    # LM's self-attention, so the cross-attention's own output is compared: what the first block
+    # hands its decoder layer (all inputs before it are image-free).
+    model = build(model_config, every_n=2)
+    open_gates(model)
+    seen = []
+    model.lm.model.layers[1].layer.register_forward_pre_hook(lambda module, args: seen.append(args[0][0]))
+    first = batch_of(model, [MIXED[0]])
+    other = batch_of(model, [("Look <image> then <image>, which?", [GREEN, BLUE])])
+    markers = (first["input_ids"][0] == model.image_token_id).nonzero().flatten().tolist()
+    forward(model, first), forward(model, other)
+    a, b = seen
+    torch.testing.assert_close(a[markers[1]:], b[markers[1]:], atol=0, rtol=0)
+    assert (a[markers[0]:markers[1]] - b[markers[0]:markers[1]]).abs().amax(-1).min() > 1e-4
+    torch.testing.assert_close(a[:markers[0]], b[:markers[0]], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_generation_matches_recomputation_token_for_token(model_config):
+    model = build(model_config)
+    open_gates(model, 2.0)
+    batch = batch_of(model, MIXED, padding_side="left", prompt=True)
+    kwargs = dict(max_new_tokens=12, return_dict_in_generate=True, output_logits=True)
+    cached = generate(model, batch, **kwargs)
+    uncached = generate(model, batch, use_cache=False, **kwargs)
+    recomputed_kv = generate(model, batch, cache_visual_kv=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert torch.equal(cached.sequences, recomputed_kv.sequences)
+    for x, y in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    # The first step is the prompt's forward, images included, so the images did reach generation.
+    torch.testing.assert_close(cached.logits[0], forward(model, batch).logits[:, -1], atol=1e-4, rtol=1e-4)
+    base = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
+    assert (cached.logits[0][[0, 2]] - base[[0, 2]]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_text_only_generation_equals_the_base_lm(model_config):
+    model = build(model_config)
+    open_gates(model)
+    batch = batch_of(model, [("Say something about colours.", [])], padding_side="left", prompt=True)
+    ours = model.generate_from_batch(batch, max_new_tokens=12)
+    ids = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            max_new_tokens=12, do_sample=False)
+    assert ours == model.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def test_save_load_round_trip_gives_identical_logits(model_config, tmp_path):
+    model = build(model_config)
+    open_gates(model, 0.5)
+    for p in model.fusion.parameters():
+        p.add_(0.01)
+    batch = batch_of(model, MIXED)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = build(model.config)  # what `from_pretrained` does: build, attach, load the weights
+    load_model(loaded, str(tmp_path / "saved" / WEIGHTS_NAME))
+    torch.testing.assert_close(forward(loaded, batch).logits, forward(model, batch).logits, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_from_pretrained_round_trip(model_config, tmp_path):
+    model = build(model_config)
+    open_gates(model, 0.5)
+    batch = batch_of(model, MIXED)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = VLM.from_pretrained(tmp_path / "saved").eval()
+    keys = ("input_ids", "attention_mask", "pixel_values")
+    torch.testing.assert_close(loaded(**{k: batch[k] for k in keys}).logits, forward(model, batch).logits,
+                               atol=0, rtol=0)
+
+
+def test_align_step_trains_the_gated_blocks_and_not_the_lm(model_config):
+    from vlm.train.freezing import apply_stage
+
+    model = build(model_config)
+    apply_stage(model, "align")
+    model.train()
+    batch = batch_of(model, MIXED)
+    forward(model, batch, labels=batch["labels"]).loss.backward()
+    assert all(p.grad is not None for p in model.fusion.parameters())
+    assert all(float(b.attn_gate.grad.abs()) > 0 and float(b.ffn_gate.grad.abs()) > 0
+               for b in model.fusion.blocks.values())
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert all(p.grad is None for p in model.vision.parameters())
+
+
+@torch.no_grad()
+def test_perceiver_resampler_gives_a_fixed_number_of_visual_tokens(model_config):
+    torch.manual_seed(0)
+    config = dataclasses.replace(model_config, fusion="cross_attention", cross_attn_every_n_layers=2,
+                                 resampler_depth=1, resampler_latents=5)
+    model = VLM.from_config(config).eval()
+    features = torch.randn(3, 64, model.fusion.vision_dim)
+    assert model.fusion.embed_images(features).shape == (3, 5, model.fusion.lm_dim)
+    open_gates(model)
+    batch = batch_of(model, MIXED, padding_side="left", prompt=True)
+    cached = generate(model, batch, max_new_tokens=6)
+    assert torch.equal(cached, generate(model, batch, max_new_tokens=6, use_cache=False))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+@torch.no_grad()
+def test_other_decoders_get_the_same_behaviour(arch):
+    import transformers
+
+    from vlm.config import ModelConfig
+    from vlm.fusion.cross_attention import CrossAttentionFusion
+
+    config = {
+        "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                        bos_token_id=0, eos_token_id=0),
+        "qwen2": transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100),
+    }[arch]
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(config).eval()
+    keys = set(lm.state_dict())
+    fusion = CrossAttentionFusion(32, (2, 2), 64, ModelConfig(cross_attn_every_n_layers=1))
+    fusion.attach(lm)
+    assert set(lm.state_dict()) == keys
+    ids = torch.randint(5, 100, (2, 10))
+    ids[0, 3] = ids[1, 6] = 1
+    inputs = dict(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=torch.ones_like(ids),
+                  image_features=torch.randn(2, 4, 32), image_mask=ids == 1)
+    base = lm(inputs_embeds=inputs["inputs_embeds"]).logits
+    torch.testing.assert_close(fusion.lm_forward(lm, **inputs).logits, base, atol=1e-6, rtol=0)
+    open_gates(SimpleNamespace(fusion=fusion))
+    changed = (fusion.lm_forward(lm, **inputs).logits - base).abs().amax(-1) > 1e-5
+    assert changed.tolist() == [[i >= 3 for i in range(10)], [i >= 6 for i in range(10)]]
+    cached = fusion.lm_generate(lm, **inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, fusion.lm_generate(lm, **inputs, max_new_tokens=6, do_sample=False, use_cache=False))

@@ -1,0 +1,132 @@
+"""Find any HF decoder's layer list and run extra blocks before chosen layers, by composition.
+
+`PreLayerWrapper` holds the original decoder layer as its child `layer`, runs a callable it is
+handed at call time (never stored) on the hidden states, then calls the layer unchanged. State-dict
+hooks drop / restore the `layer.` segment, so the LM's checkpoint keys do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import nn
+
+# Dotted paths of the decoder layer list in common architectures, tried in order.
+LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM
+    "model.language_model.layers",  # multimodal wrappers around a text decoder
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
+    "model.decoder.layers",  # OPT
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+    "transformer.blocks",  # MPT
+    "transformer.layers",
+    "layers",
+)
+
+STATE_KWARG = "vlm_pre_layer_state"
+"""Forward keyword under which the per-call state travels from the LM's forward to its layers."""
+
+_ACTIVE_STATE: contextvars.ContextVar["PreLayerState | None"] = contextvars.ContextVar(
+    "vlm_pre_layer_state", default=None
+)
+
+
+class PreLayerState(Protocol):
+    def __call__(self, layer_index: int, hidden_states: torch.Tensor, past_length: int) -> torch.Tensor:
+        """hidden_states [batch, q, dim] of queries at absolute positions past_length.. -> same shape."""
+
+
+@contextlib.contextmanager
+def active_state(state: PreLayerState | None) -> Iterator[None]:
+    """Make `state` visible to the wrappers for the duration of the block (used by `generate`,
+    which rejects unknown forward keywords); always reset on exit."""
+    token = _ACTIVE_STATE.set(state)
+    try:
+        yield
+    finally:
+        _ACTIVE_STATE.reset(token)
+
+
+def _resolve(root: nn.Module, path: str) -> nn.Module | None:
+    node: Any = root
+    for part in path.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node if isinstance(node, nn.Module) else None
+
+
+def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The ModuleList holding the decoder layers, located by known paths, else by size."""
+    n_layers = getattr(lm.config.get_text_config(), "num_hidden_layers", None) if hasattr(lm, "config") else None
+    for path in LAYER_PATHS:
+        found = _resolve(lm, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0 and (n_layers is None or len(found) == n_layers):
+            return found
+    candidates = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if n_layers and candidates:
+        return candidates[0]
+    raise ValueError(
+        f"Cannot find the decoder layers of {type(lm).__name__}; add its layer-list path to LAYER_PATHS "
+        "in vlm/fusion/decoder_layers.py."
+    )
+
+
+def _past_length(cache: Any, layer_index: int) -> int:
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    try:
+        return int(cache.get_seq_length(layer_index))
+    except (TypeError, IndexError):
+        return int(cache.get_seq_length())
+
+
+class PreLayerWrapper(nn.Module):
+    """Runs the call's `PreLayerState` (if any) on the hidden states, then the original layer."""
+
+    def __init__(self, layer: nn.Module, layer_index: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.layer_index = layer_index
+        self.register_state_dict_post_hook(_drop_layer_segment)
+        self.register_load_state_dict_pre_hook(_add_layer_segment)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        state = kwargs.pop(STATE_KWARG, None) or _ACTIVE_STATE.get()
+        if state is not None:
+            cache = kwargs.get("past_key_values", kwargs.get("past_key_value", kwargs.get("layer_past")))
+            past = _past_length(cache, self.layer_index)
+            if args:
+                args = (state(self.layer_index, args[0], past), *args[1:])
+            else:
+                kwargs["hidden_states"] = state(self.layer_index, kwargs["hidden_states"], past)
+        return self.layer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # e.g. `attention_type`, read by some decoders' forward
+            return getattr(super().__getattr__("layer"), name)
+
+
+def _drop_layer_segment(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "layer.")]:
+        state_dict[prefix + key[len(prefix) + len("layer."):]] = state_dict.pop(key)
+
+
+def _add_layer_segment(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "layer.")]:
+        state_dict[prefix + "layer." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def wrap_layers(lm: nn.Module, indices: list[int]) -> list[int]:
+    """Wrap `lm`'s decoder layers at `indices` (idempotent); returns the indices now wrapped."""
+    layers = find_decoder_layers(lm)
+    for i in indices:
+        if not isinstance(layers[i], PreLayerWrapper):
+            layers[i] = PreLayerWrapper(layers[i], i)
+    return [i for i, layer in enumerate(layers) if isinstance(layer, PreLayerWrapper)]
+
