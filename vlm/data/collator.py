@@ -13,7 +13,8 @@ class Collator:
     """Items are processor outputs, or `{"skipped": id, "category": ..., "detail": ...}` for bad samples.
 
     Output: input_ids / attention_mask / labels [batch, max_len]; pixel_values
-    [total_images, 3, H, W] in sample order (None when no sample has an image); ids; skipped.
+    [total_images, 3, H, W] in sample order (None when no sample has an image), or
+    image_features [total_images, patches, dim] from the feature cache; ids; skipped.
     `padding_side="left"` for generation, so every prompt ends at the last position.
     """
 
@@ -37,11 +38,8 @@ class Collator:
             input_ids[row, cols] = item["input_ids"]
             labels[row, cols] = item["labels"]
             attention_mask[row, cols] = 1
-        pixels = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
-        batch.update(
-            input_ids=input_ids,
-            labels=labels,
-            attention_mask=attention_mask,
-            pixel_values=torch.cat(pixels) if pixels else None,
-        )
+        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+        for key in ("pixel_values", "image_features"):
+            parts = [item[key] for item in items if item.get(key) is not None]
+            batch[key] = torch.cat(parts) if parts else None
         return batch

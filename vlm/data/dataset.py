@@ -7,9 +7,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from .formats import read_samples
+from .feature_cache import FeatureCache
 from .processor import VLMProcessor
 from .sample import Sample, SampleError
 
@@ -24,9 +26,10 @@ class ConversationDataset(Dataset):
 
     def __init__(
         self, samples: list[Sample], processor: VLMProcessor, strict: bool = False,
-        errors: list[SampleError] = (), for_generation: bool = False,
+        errors: list[SampleError] = (), for_generation: bool = False, feature_cache: FeatureCache | None = None,
     ) -> None:
         self.processor = processor
+        self.feature_cache = feature_cache
         self.strict = strict
         self.for_generation = for_generation
         self.problems: Counter[str] = Counter()
@@ -43,14 +46,14 @@ class ConversationDataset(Dataset):
     @classmethod
     def from_files(
         cls, files: list[str], processor: VLMProcessor, image_root: str | None = None, strict: bool = False,
-        for_generation: bool = False,
+        for_generation: bool = False, feature_cache: FeatureCache | None = None,
     ) -> "ConversationDataset":
         samples, errors = [], []
         for file in files:
             got, bad = read_samples(Path(file), image_root)
             samples += got
             errors += bad
-        return cls(samples, processor, strict, errors, for_generation)
+        return cls(samples, processor, strict, errors, for_generation, feature_cache)
 
     def _report(self, err: SampleError) -> None:
         if self.strict:
@@ -58,13 +61,26 @@ class ConversationDataset(Dataset):
         self.problems[err.category] += 1
         logger.warning("Skipping %s", err)
 
+    def _with_cached_features(self, sample: Sample) -> dict[str, Any]:
+        item = self.processor(sample, for_generation=self.for_generation, with_pixels=False)
+        features = []
+        for image in sample.images:
+            cached = self.feature_cache.get(image)
+            if cached is None:
+                raise SampleError(sample.id, "not_cached", "has an image missing from the feature cache.")
+            features.append(cached)
+        item["image_features"] = torch.stack(features) if features else None
+        return item
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         try:
-            return self.processor(sample, for_generation=self.for_generation)
+            if self.feature_cache is None:
+                return self.processor(sample, for_generation=self.for_generation)
+            return self._with_cached_features(sample)
         except SampleError as err:
             if self.strict:
                 raise

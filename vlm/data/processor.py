@@ -39,11 +39,12 @@ class VLMProcessor:
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
 
-    def __call__(self, sample: Sample, for_generation: bool = False) -> dict[str, Any]:
+    def __call__(self, sample: Sample, for_generation: bool = False, with_pixels: bool = True) -> dict[str, Any]:
         """Returns input_ids [seq], labels [seq], pixel_values [num_images, 3, H, W] or None, id.
 
         for_generation: encode only the prompt (up to the last user turn) plus the
         generation prompt, for `predict` / `generate`.
+        with_pixels=False skips image decoding (the caller supplies cached features).
         """
         self.check(sample)
         messages = sample.prompt_messages() if for_generation else sample.messages
@@ -56,7 +57,7 @@ class VLMProcessor:
                 f"is {len(ids)} tokens with image tokens counted, over data.max_length={self.max_length}; "
                 "raise data.max_length or shorten the sample.",
             )
-        images = self.load_images(sample)[:num_images]
+        images = self.load_images(sample)[:num_images] if with_pixels else []
         pixel_values = torch.stack([self.image_transform(im) for im in images]) if images else None
         return {
             "id": sample.id,

@@ -69,5 +69,9 @@ class VisionEncoder(nn.Module, ABC):
         """PIL image -> [3, H, W] tensor, preprocessing as the backbone's own config specifies."""
 
     @abstractmethod
+    def preprocessing_config(self) -> dict:
+        """The image preprocessing settings, as a JSON-able dict (part of the feature-cache key)."""
+
+    @abstractmethod
     def save_backbone_config(self, directory: Path) -> None:
         """Write what `load_saved_encoder` needs to rebuild this tower offline (weights saved elsewhere)."""

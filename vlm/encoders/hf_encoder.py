@@ -56,6 +56,9 @@ class HFVisionEncoder(VisionEncoder):
         processor = self.image_processor
         return lambda image: processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
+    def preprocessing_config(self) -> dict:
+        return self.image_processor.to_dict()
+
     def save_backbone_config(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.model.config.save_pretrained(directory)

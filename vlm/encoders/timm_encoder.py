@@ -55,6 +55,9 @@ class TimmVisionEncoder(VisionEncoder):
         transform = create_transform(**self.data_config, is_training=False)
         return lambda image: transform(image.convert("RGB"))
 
+    def preprocessing_config(self) -> dict:
+        return dict(self.data_config)
+
     def save_backbone_config(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         save_config_for_hf(self.model, str(directory / "config.json"))

@@ -20,6 +20,8 @@ from transformers import get_cosine_schedule_with_warmup
 from ..config import Config, config_to_dict
 from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
+from ..data.feature_cache import FeatureCache, encoder_fingerprint
+from ..data.formats import read_samples
 from ..model import VLM
 from .freezing import apply_stage
 
@@ -61,6 +63,31 @@ def make_loader(
     )
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_features", "labels")
+    return {key: batch[key] for key in keys if batch.get(key) is not None}
+
+
+def build_feature_cache(model: VLM, config: Config, accelerator: Accelerator) -> FeatureCache:
+    """Encode every training / eval image once (each rank a share), before the first step."""
+    if not model.vision.frozen:
+        raise ValueError("data.cache_features needs a frozen vision encoder; this stage trains it.")
+    vision = model.vision.to(accelerator.device)
+    cache = FeatureCache(
+        config.data.cache_dir or Path(config.output_dir) / "feature_cache",
+        encoder_fingerprint(vision), (vision.num_patches, vision.hidden_size),
+    )
+    samples = []
+    for file in [*config.data.train_files, *config.data.eval_files]:
+        samples += read_samples(file, config.data.image_root)[0]
+    started = time.perf_counter()
+    encoded = cache.fill(samples, model.processor, vision, config.train.batch_size,
+                         accelerator.process_index, accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    logger.info("Feature cache %s: %d image(s) encoded in %.1fs.", cache.root, encoded, time.perf_counter() - started)
+    return cache
+
+
 @torch.no_grad()
 def evaluate_loss(model: VLM, loader: DataLoader, accelerator: Accelerator) -> float:
     """Mean loss per supervised token over the whole eval set."""
@@ -69,7 +96,7 @@ def evaluate_loss(model: VLM, loader: DataLoader, accelerator: Accelerator) -> f
     for batch in loader:
         if "input_ids" not in batch:
             continue
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+        out = model(**model_inputs(batch))
         tokens = (batch["labels"][:, 1:] != -100).sum()
         total += out.loss.float() * tokens
         count += tokens
@@ -94,8 +121,9 @@ def train(config: Config) -> dict[str, Any]:
         model.lm.activation_checkpointing_enable({"use_reentrant": False})
     model.processor.max_length = config.data.max_length
 
+    cache = build_feature_cache(model, config, accelerator) if config.data.cache_features else None
     train_set = ConversationDataset.from_files(
-        config.data.train_files, model.processor, config.data.image_root, config.data.strict
+        config.data.train_files, model.processor, config.data.image_root, config.data.strict, feature_cache=cache
     )
     if len(train_set) == 0:
         raise ValueError(f"No usable training samples in {config.data.train_files} ({dict(train_set.problems)}).")
@@ -103,7 +131,9 @@ def train(config: Config) -> dict[str, Any]:
     train_loader = make_loader(train_set, pad, config.train.batch_size, True, config)
     eval_loader = None
     if config.data.eval_files:
-        eval_set = ConversationDataset.from_files(config.data.eval_files, model.processor, config.data.image_root)
+        eval_set = ConversationDataset.from_files(
+            config.data.eval_files, model.processor, config.data.image_root, feature_cache=cache
+        )
         eval_loader = make_loader(eval_set, pad, config.train.eval_batch_size or config.train.batch_size, False, config)
 
     optimizer = build_optimizer(model, config)
@@ -131,7 +161,7 @@ def train(config: Config) -> dict[str, Any]:
             if "input_ids" not in batch:
                 continue
             with accelerator.accumulate(model):
-                out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+                out = model(**model_inputs(batch))
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and config.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)

@@ -1,0 +1,112 @@
+"""Frozen-encoder outputs stored on disk, so later epochs (and later runs) skip the tower.
+
+A frozen encoder's output is a pure function of (image bytes, encoder weights, feature
+layer, preprocessing), so that is exactly what the key hashes: a changed image or a
+different encoder never reads a stale entry. One safetensors file per image, written to a
+temporary name and renamed into place; a file that fails to load or does not match the
+expected shape is deleted and recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..encoders import VisionEncoder
+from .processor import VLMProcessor, load_images
+from .sample import ImageRef, Sample, SampleError
+
+logger = logging.getLogger(__name__)
+
+
+def encoder_fingerprint(vision: VisionEncoder) -> str:
+    """Hash of everything that determines the tower's output for a given image."""
+    digest = hashlib.sha256()
+    digest.update(repr((vision.library, vision.source, vision.feature_layer, vision.drop_prefix_tokens)).encode())
+    digest.update(repr(sorted(vision.preprocessing_config().items())).encode())
+    for name, tensor in sorted(vision.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class FeatureCache:
+    """features(image) -> [num_patches, hidden] tensor, read from `root` or None when absent."""
+
+    def __init__(self, root: str | Path, fingerprint: str, shape: tuple[int, int]) -> None:
+        self.root = Path(root) / fingerprint
+        self.fingerprint = fingerprint
+        self.shape = shape
+        self.rebuilt = 0
+
+    def key(self, image: ImageRef) -> str:
+        digest = hashlib.sha256(self.fingerprint.encode())
+        if isinstance(image, Image.Image):
+            digest.update(repr((image.mode, image.size)).encode())
+            digest.update(image.tobytes())
+        else:
+            digest.update(Path(image).read_bytes())
+        return digest.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, image: ImageRef) -> torch.Tensor | None:
+        path = self._path(self.key(image))
+        if not path.is_file():
+            return None
+        try:
+            features = load_file(path)["features"]
+            if tuple(features.shape) != self.shape:
+                raise ValueError(f"shape {tuple(features.shape)} != {self.shape}")
+            return features
+        except (SafetensorError, KeyError, ValueError, OSError) as err:
+            logger.warning("Feature cache entry %s is corrupt (%s); recomputing it.", path, err)
+            path.unlink(missing_ok=True)
+            self.rebuilt += 1
+            return None
+
+    def put(self, image: ImageRef, features: torch.Tensor) -> None:
+        path = self._path(self.key(image))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file({"features": features.detach().cpu().contiguous()}, tmp)
+        os.replace(tmp, path)
+
+    @torch.no_grad()
+    def fill(
+        self, samples: Iterable[Sample], processor: VLMProcessor, vision: VisionEncoder,
+        batch_size: int = 32, rank: int = 0, world_size: int = 1,
+    ) -> int:
+        """Encode every image not yet cached (this rank's share of them); returns how many were encoded."""
+        pending: list[ImageRef] = []
+        seen: set[str] = set()
+        for index, sample in enumerate(samples):
+            for image in sample.images:
+                ident = image if isinstance(image, str) else f"{sample.id}:{id(image)}"
+                if ident in seen or (index % world_size) != rank:
+                    continue
+                seen.add(ident)
+                if self.get(image) is None:
+                    pending.append(image)
+        device = next(vision.parameters()).device
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            try:
+                decoded = load_images(Sample("cache", [], chunk))
+            except SampleError:
+                continue  # the dataset reports bad images itself
+            pixels = torch.stack([processor.image_transform(im) for im in decoded]).to(device)
+            for image, features in zip(chunk, vision(pixels)):
+                self.put(image, features)
+        return len(pending)
