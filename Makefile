@@ -21,8 +21,9 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+# `make quickstart ARGS="model.fusion=cross_attention" RUN=artifacts/quickstart/xattn` trains another variant.
 quickstart: $(VENV)/.installed
-	PY=$(PY) bash scripts/quickstart.sh
+	PY=$(PY) $(if $(RUN),RUN=$(RUN)) bash scripts/quickstart.sh $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

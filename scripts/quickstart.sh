@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
 # The embedded default end to end: backbones -> data -> train -> predict -> eval.
+# Extra arguments are config overrides for training, e.g.
+#   RUN=artifacts/quickstart/xattn bash scripts/quickstart.sh model.fusion=cross_attention model.cross_attn_every_n_layers=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ROOT=artifacts/quickstart
+RUN=${RUN:-$ROOT/run}
 export TOKENIZERS_PARALLELISM=false
 start=$SECONDS
 
 $PY scripts/make_tiny_backbones.py --out "$ROOT/backbones"
 $PY scripts/make_synthetic_data.py --out "$ROOT/data"
-$PY train.py configs/quickstart.yaml
-$PY -m vlm.cli predict --model "$ROOT/run/final" --data "$ROOT/data/test.json" \
-    --out "$ROOT/run/predictions.jsonl" --max-new-tokens 24 --batch-size 32
-$PY -m vlm.cli eval --predictions "$ROOT/run/predictions.jsonl" --data "$ROOT/data/test.json" \
-    | tee "$ROOT/run/metrics.json"
+$PY train.py configs/quickstart.yaml output_dir="$RUN" "$@"
+$PY -m vlm.cli predict --model "$RUN/final" --data "$ROOT/data/test.json" \
+    --out "$RUN/predictions.jsonl" --max-new-tokens 24 --batch-size 32
+$PY -m vlm.cli eval --predictions "$RUN/predictions.jsonl" --data "$ROOT/data/test.json" \
+    | tee "$RUN/metrics.json"
 
-$PY - "$ROOT" <<'PYTHON'
+$PY - "$ROOT" "$RUN" <<'PYTHON'
 import json, sys
-root = sys.argv[1]
+root, run = sys.argv[1], sys.argv[2]
 tests = {s["id"]: s for s in json.load(open(f"{root}/data/test.json"))}
-preds = [json.loads(line) for line in open(f"{root}/run/predictions.jsonl")]
+preds = [json.loads(line) for line in open(f"{run}/predictions.jsonl")]
 captions = [p for p in preds if tests[p["id"]].get("type") == "caption"][:5]
 print("\nGenerated captions (prediction | reference):")
 for p in captions:
     print(f"  {p['prediction']!r:45} | {tests[p['id']]['answers'][0]!r}")
-metrics = json.load(open(f"{root}/run/metrics.json"))
+metrics = json.load(open(f"{run}/metrics.json"))
 print(f"\nVQA accuracy on {metrics['vqa']['count']} synthetic test questions: {metrics['vqa']['accuracy']:.1%}")
 PYTHON
 echo "Quickstart wall time: $((SECONDS - start)) s"

@@ -225,3 +225,23 @@ def test_other_decoders_get_the_same_behaviour(arch):
     assert changed.tolist() == [[i >= 3 for i in range(10)], [i >= 6 for i in range(10)]]
     cached = fusion.lm_generate(lm, **inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(cached, fusion.lm_generate(lm, **inputs, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_short_training_run_lowers_the_loss_and_opens_the_gates(backbones, synthetic, tmp_path):
+    import json
+
+    from vlm.config import load_config
+    from vlm.train import train
+
+    config = load_config(None, [
+        f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.fusion=cross_attention",
+        "model.cross_attn_every_n_layers=2", f"data.train_files=[{synthetic['train']}]", "train.stage=align",
+        "train.max_steps=20", "train.batch_size=8", "train.lr=2e-3", "train.report_to=none",
+        "train.gradient_checkpointing=true", f"output_dir={tmp_path}",
+    ])
+    summary = train(config)
+    assert summary["final_loss"] < 0.8 * summary["first_loss"], summary
+    trained = VLM.from_pretrained(tmp_path / "final")
+    gates = [g.item() for b in trained.fusion.blocks.values() for g in (b.attn_gate, b.ffn_gate)]
+    assert gates and all(abs(g) > 1e-4 for g in gates), gates
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["model"]["fusion"] == "cross_attention"

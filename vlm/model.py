@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
 )
 
+from .atomic import atomic_directory
 from .config import ModelConfig, config_to_dict, from_dict
 from .data.collator import Collator
 from .data.processor import VLMProcessor
@@ -155,10 +154,7 @@ class VLM(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A self-contained folder that loads offline; written to a temporary folder, then renamed in."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             self.vision.save_backbone_config(tmp / "vision")
             self.lm.config.save_pretrained(tmp / "lm")
             self.lm.generation_config.save_pretrained(tmp)
@@ -179,12 +175,6 @@ class VLM(nn.Module):
             }
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
             save_model(self, str(tmp / WEIGHTS_NAME))
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VLM":

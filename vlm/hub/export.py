@@ -6,13 +6,12 @@ Possible when the VLM is LLaVA-shaped: a transformers vision tower (CLIP / SigLI
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from ..atomic import atomic_directory
 from ..model import VLM
 
 
@@ -69,19 +68,10 @@ def export_llava_hf(model: VLM, out: str | Path) -> Path:
         image_token=model.config.image_token,
         num_additional_image_tokens=extra_tokens,
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         llava.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(out)
 
 
 def _grid_tokens(vision) -> int:
