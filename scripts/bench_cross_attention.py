@@ -54,7 +54,6 @@ def main() -> None:
                              cross_attn_every_n_layers=args.every_n)
         torch.manual_seed(0)
         model = VLM.from_config(config).eval()
-        model.fusion.attach(model.lm)  # no-op once the VLM attaches at construction
         with torch.no_grad():
             for block in model.fusion.blocks.values():
                 block.attn_gate.fill_(1.0)

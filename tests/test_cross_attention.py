@@ -178,6 +178,10 @@ def test_align_step_trains_the_gated_blocks_and_not_the_lm(model_config):
                for b in model.fusion.blocks.values())
     assert all(p.grad is None for p in model.lm.parameters())
     assert all(p.grad is None for p in model.vision.parameters())
+    # The <image> marker's embedding trains with the fusion, starting from the LM's (frozen) row.
+    marker = model.fusion.image_embedding
+    assert marker.requires_grad and float(marker.grad.abs().sum()) > 0
+    torch.testing.assert_close(marker.detach(), model.lm.get_input_embeddings().weight[model.image_token_id])
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ class VLM(nn.Module):
         self.fusion = fusion
         self.lm = lm
         self.tokenizer = tokenizer
-        fusion.attach(lm)
+        fusion.attach(lm, tokenizer.convert_tokens_to_ids(config.image_token))
         self.processor = VLMProcessor(
             tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image
         )

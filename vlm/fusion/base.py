@@ -40,7 +40,7 @@ class Fusion(nn.Module, ABC):
     def embed_images(self, features: torch.Tensor) -> torch.Tensor:
         """features [num_images, num_patches, vision_dim] -> [num_images, tokens_per_image, lm_dim]."""
 
-    def attach(self, lm: nn.Module) -> None:
+    def attach(self, lm: nn.Module, image_token_id: int | None = None) -> None:
         """Install what the strategy needs inside the LM (e.g. wrap decoder layers); called once by the
         VLM at construction, before any weights are loaded. Default: nothing."""
 

@@ -139,6 +139,9 @@ class CrossAttentionFusion(Fusion):
         self.visual_norm = nn.LayerNorm(vision_dim)
         self.visual_proj = nn.Linear(vision_dim, lm_dim)
         self.blocks = nn.ModuleDict()
+        # The `<image>` marker's own embedding, trained with the fusion while the LM's vocabulary stays
+        # frozen; created in `attach` from the LM's row, so the model still starts as the base LM.
+        self.register_parameter("image_embedding", None)
         self.num_visual_tokens = config.resampler_latents if self.resampler is not None else grid[0] * grid[1]
 
     @property
@@ -152,8 +155,11 @@ class CrossAttentionFusion(Fusion):
             features = self.resampler(features)
         return self.visual_proj(self.visual_norm(features))
 
-    def attach(self, lm: nn.Module) -> None:
+    def attach(self, lm: nn.Module, image_token_id: int | None = None) -> None:
         """Create the gated blocks (sized from the LM config) and wrap the chosen layers; idempotent."""
+        if image_token_id is not None and self.image_embedding is None:
+            row = lm.get_input_embeddings().weight[image_token_id]
+            self.image_embedding = nn.Parameter(row.detach().clone().float())
         layers = find_decoder_layers(lm)
         chosen = [i for i in range(len(layers)) if (i + 1) % self.every_n == 0]
         if not chosen:
@@ -204,11 +210,18 @@ class CrossAttentionFusion(Fusion):
             self.blocks, per_sample.reshape(-1, max_images * tokens, dim), tokens, token_slot, counts - 1, precompute
         )
 
+    def _with_marker_embedding(self, embeds: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        """embeds [batch, seq, dim] with the marker positions (image_mask [batch, seq]) set to the trained row."""
+        if image_mask is None or self.image_embedding is None:
+            return embeds
+        return torch.where(image_mask.unsqueeze(-1), self.image_embedding.to(embeds.dtype), embeds)
+
     def lm_forward(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
         image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
         """As the base, with the visual state passed down to the wrapped layers as a forward keyword."""
+        inputs_embeds = self._with_marker_embedding(inputs_embeds, image_mask)
         state = self.visual_state(image_features, image_mask)
         if state is not None:
             kwargs[STATE_KWARG] = state
@@ -221,6 +234,7 @@ class CrossAttentionFusion(Fusion):
     ) -> torch.Tensor:
         """As the base; each block's visual K/V is computed once per prompt (`cache_visual_kv`) and
         reused at every decode step. Generated tokens see the last image of their sample's prompt."""
+        inputs_embeds = self._with_marker_embedding(inputs_embeds, image_mask)
         state = self.visual_state(image_features, image_mask, precompute=cache_visual_kv)
         with active_state(state):
             return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
