@@ -90,7 +90,7 @@ class VLM(nn.Module):
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings [batch, seq, lm_dim] with image positions filled by the fusion, in one scatter.
 
@@ -106,7 +106,7 @@ class VLM(nn.Module):
             features = self.encode_images(pixel_values)
         if self.fusion.tokens_per_image:
             image_embeds = self.fusion.embed_images(features).to(embeds.dtype)
-            mask = input_ids == self.image_token_id
+            mask = image_mask if image_mask is not None else input_ids == self.image_token_id
             if int(mask.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
                 raise ValueError(
                     f"The batch has {int(mask.sum())} image-token positions but {image_embeds.shape[0]} image(s) "
@@ -120,10 +120,11 @@ class VLM(nn.Module):
         labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
         """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W]."""
-        embeds, features = self.embed(input_ids, pixel_values, image_features)
+        image_mask = input_ids == self.image_token_id
+        embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask)
         return self.fusion.lm_forward(
             self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-            image_mask=input_ids == self.image_token_id, labels=labels, **kwargs,
+            image_mask=image_mask, labels=labels, **kwargs,
         )
 
     @torch.no_grad()
@@ -132,12 +133,12 @@ class VLM(nn.Module):
         device = self.lm.device
         input_ids = batch["input_ids"].to(device)
         pixels = batch["pixel_values"]
-        embeds, features = self.embed(input_ids, None if pixels is None else pixels.to(device))
+        image_mask = input_ids == self.image_token_id
+        embeds, features = self.embed(input_ids, None if pixels is None else pixels.to(device), None, image_mask)
         kwargs.setdefault("do_sample", False)
         new_tokens = self.fusion.lm_generate(
             self.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
-            image_features=features, image_mask=input_ids == self.image_token_id, max_new_tokens=max_new_tokens,
-            **kwargs,
+            image_features=features, image_mask=image_mask, max_new_tokens=max_new_tokens, **kwargs,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -47,15 +47,19 @@ class FeatureCache:
         self.fingerprint = fingerprint
         self.shape = shape
         self.rebuilt = 0
+        self._file_keys: dict[str, str] = {}  # a file is read and hashed once per process, not every step
 
     def key(self, image: ImageRef) -> str:
+        if isinstance(image, str) and image in self._file_keys:
+            return self._file_keys[image]
         digest = hashlib.sha256(self.fingerprint.encode())
         if isinstance(image, Image.Image):
             digest.update(repr((image.mode, image.size)).encode())
             digest.update(image.tobytes())
-        else:
-            digest.update(Path(image).read_bytes())
-        return digest.hexdigest()
+            return digest.hexdigest()
+        digest.update(Path(image).read_bytes())
+        self._file_keys[image] = digest.hexdigest()
+        return self._file_keys[image]
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
