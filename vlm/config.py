@@ -90,10 +90,38 @@ class TrainConfig:
 
 
 @dataclass
+class HubConfig:
+    push: bool = False
+    """Push the final model (and, with `strategy: every_save`, each save) to a model hub in the background."""
+    repo_id: Optional[str] = None
+    """Target repository, `org/name` (or `name` under your own account); required when `push` is true."""
+    strategy: Literal["end", "every_save"] = "end"
+    """`end`: push `final/` once; `every_save`: also push every saved checkpoint, newest wins."""
+    private: bool = False
+    """Create the repository as private (ignored when it already exists)."""
+    revision: Optional[str] = None
+    """Branch to push to (created if missing); default `main`."""
+    endpoint: Optional[str] = None
+    """Hub URL; default `HF_ENDPOINT` or https://huggingface.co. The token comes from `HF_TOKEN` / `hf auth login`."""
+
+    def __post_init__(self) -> None:
+        if self.push and not self.repo_id:
+            raise ConfigError("hub.push is true but hub.repo_id is not set; set hub.repo_id=ORG/NAME or hub.push=false.")
+        if self.repo_id:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.repo_id)
+            except HFValidationError as err:
+                raise ConfigError(f"hub.repo_id={self.repo_id!r} is not a valid repository id: {err}") from None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     output_dir: str = "outputs/run"
 
 
