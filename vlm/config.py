@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -29,6 +29,8 @@ class ModelConfig:
     """Causal LM: a hub id or a local folder (any AutoModelForCausalLM)."""
     pretrained: Optional[str] = None
     """A saved VLM folder (e.g. the align stage's `final/`) to start from instead of the backbones."""
+    init_from: Optional[str] = None
+    """The documented name for `pretrained` (stage 2 starts from stage 1's `final/`); set one of the two."""
     fusion: str = "projector"
     projector: str = "mlp2x_gelu"
     pixel_shuffle_factor: int = 2
@@ -49,15 +51,40 @@ class ModelConfig:
 
 
 @dataclass
+class DataFile:
+    """One entry of `data.train_files` written as a mapping: `{path: ..., weight: 2.0}`."""
+
+    path: str = ""
+    """A data file or dataset folder (any format `vlm/data/formats.py` reads)."""
+    weight: float = 1.0
+    """How often each of its samples is seen per epoch: 2.0 twice, 0.5 a fixed random half."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("A data.train_files entry written as a mapping needs a 'path'.")
+        if self.weight <= 0:
+            raise ConfigError(f"data.train_files entry '{self.path}': weight must be > 0, got {self.weight}.")
+
+
+@dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)
-    eval_files: list[str] = field(default_factory=list)
+    train_files: list[Union[str, DataFile]] = field(default_factory=list)
+    """Plain paths, or `{path: ..., weight: ...}` mappings for a weighted mixture."""
+    eval_files: list[Union[str, DataFile]] = field(default_factory=list)
     image_root: Optional[str] = None
     """Image paths are relative to this folder; by default to each data file's folder."""
     max_length: int = 2048
     """Longest sample in tokens, image tokens included; longer samples are skipped and counted."""
     strict: bool = False
     """Stop at the first bad sample instead of skipping and counting it."""
+    truncate_text: bool = False
+    """Cut an over-long sample's text after its last image token instead of skipping it."""
+    group_by_length: bool = False
+    """Batch samples of similar length together (less padding); deterministic per seed and epoch."""
+    caption_prompt: str = "<image>\nDescribe the image briefly."
+    """User turn for captioning tables (`image`, `caption`); the caption is the answer."""
+    vqa_prompt: str = "<image>\n{question}"
+    """User turn for VQA tables (`image`, `question`, `answer`|`answers`); `{question}` is filled in."""
     num_workers: int = 0
     cache_features: bool = False
     """Compute the frozen encoder's outputs once, store them on disk, and skip the encoder afterwards."""
@@ -66,9 +93,45 @@ class DataConfig:
 
 
 @dataclass
+class FreezeConfig:
+    vision: Optional[bool] = None
+    """true: keep the vision tower frozen; false: train it; unset: the stage decides."""
+    fusion: Optional[bool] = None
+    """true: keep the fusion module frozen; false: train it; unset: the stage decides."""
+    lm: Optional[bool] = None
+    """true: keep the LM frozen; false: train it; unset: the stage decides."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters on the LM (its own weights stay frozen); the fusion trains fully."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    target_modules: Optional[list[str]] = None
+    """Module names (or name suffixes) to adapt; default every linear layer of the LM except lm_head."""
+    quantize: Optional[Literal["4bit"]] = None
+    """`4bit`: QLoRA, the frozen LM in NF4 through bitsandbytes (needs CUDA)."""
+
+
+@dataclass
+class ExportConfig:
+    merge_lora: bool = True
+    """With LoRA: write merged LM weights to `final/` (loads without peft); false: adapter + fusion only."""
+
+
+@dataclass
 class TrainConfig:
-    stage: Literal["align", "finetune"] = "align"
-    """`align` trains the fusion only; `finetune` trains the fusion and the LM."""
+    stage: Literal["align", "finetune", "custom"] = "align"
+    """`align` trains the fusion only; `finetune` the fusion and the LM; `custom` what `train.freeze` says."""
+    freeze: FreezeConfig = field(default_factory=lambda: FreezeConfig())
+    """Per-component overrides of the stage's plan (`custom` needs all three)."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
+    """Low-rank adapters on the LM instead of training its weights (peft)."""
     max_steps: int = 1000
     batch_size: int = 8
     eval_batch_size: Optional[int] = None
@@ -76,6 +139,10 @@ class TrainConfig:
     lr: float = 2e-5
     fusion_lr: Optional[float] = None
     """Learning rate of the fusion module; defaults to `lr`."""
+    lm_lr: Optional[float] = None
+    """Learning rate of the LM (or its LoRA adapters); defaults to `lr`."""
+    vision_lr: Optional[float] = None
+    """Learning rate of the vision tower when it trains; defaults to `lr`."""
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -121,6 +188,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     output_dir: str = "outputs/run"
 
@@ -185,6 +253,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, dict):  # e.g. Union[str, DataFile]: a mapping picks the dataclass
+            inner = [a for a in inner if dataclasses.is_dataclass(a)] or inner
         return _coerce(inner[0], value, key)
     if origin is Literal:
         if value not in args:
