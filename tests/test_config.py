@@ -26,7 +26,7 @@ def test_unknown_section_is_named(tmp_path):
 def test_wrong_type_names_key_and_value(tmp_path):
     with pytest.raises(ConfigError, match=r"'train\.max_steps' must be an integer, got 'ten'"):
         load_config(write(tmp_path, "train:\n  max_steps: ten\n"))
-    with pytest.raises(ConfigError, match=r"'train\.stage' must be one of \['align', 'finetune'\]"):
+    with pytest.raises(ConfigError, match=r"'train\.stage' must be one of \['align', 'finetune', 'custom'\]"):
         load_config(None, ["train.stage=pretrain"])
     with pytest.raises(ConfigError, match=r"'data\.strict' must be true or false"):
         load_config(None, ["data.strict=1"])
