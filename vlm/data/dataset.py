@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .formats import read_samples
+from ..config import DataConfig, DataFile
+from .mixture import read_files
 from .feature_cache import FeatureCache
 from .processor import VLMProcessor
 from .sample import Sample, SampleError
@@ -45,14 +46,12 @@ class ConversationDataset(Dataset):
 
     @classmethod
     def from_files(
-        cls, files: list[str], processor: VLMProcessor, image_root: str | None = None, strict: bool = False,
-        for_generation: bool = False, feature_cache: FeatureCache | None = None,
+        cls, files: list[str | DataFile], processor: VLMProcessor, image_root: str | None = None, strict: bool = False,
+        for_generation: bool = False, feature_cache: FeatureCache | None = None, seed: int = 0,
+        data: DataConfig | None = None,
     ) -> "ConversationDataset":
-        samples, errors = [], []
-        for file in files:
-            got, bad = read_samples(Path(file), image_root)
-            samples += got
-            errors += bad
+        """`files` may carry weights (a weighted mixture); `data` supplies the table prompt templates."""
+        samples, errors = read_files(files, image_root, data, seed)
         return cls(samples, processor, strict, errors, for_generation, feature_cache)
 
     def _report(self, err: SampleError) -> None:

@@ -53,6 +53,8 @@ class FeatureCache:
         if isinstance(image, str) and image in self._file_keys:
             return self._file_keys[image]
         digest = hashlib.sha256(self.fingerprint.encode())
+        if not isinstance(image, (str, Image.Image)):  # bytes or a dataset cell: key by the decoded pixels
+            image = load_images(Sample("key", [], [image]))[0]
         if isinstance(image, Image.Image):
             digest.update(repr((image.mode, image.size)).encode())
             digest.update(image.tobytes())

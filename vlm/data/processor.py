@@ -8,6 +8,7 @@ a particular template's role markers look like.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -163,13 +164,21 @@ def load_images(sample: Sample) -> list[Image.Image]:
     images = []
     for image in sample.images:
         if isinstance(image, Image.Image):
-            images.append(image)
+            images.append(image.convert("RGB"))
             continue
         try:
-            with Image.open(image) as opened:
+            if hasattr(image, "load") and not isinstance(image, (str, bytes)):  # a dataset cell (DatasetImage)
+                images.append(image.load().convert("RGB"))
+                continue
+            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
                 images.append(opened.convert("RGB"))
         except FileNotFoundError:
             raise SampleError(sample.id, "missing_image", f"image file '{image}' does not exist.") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise SampleError(sample.id, "corrupt_image", f"image file '{image}' cannot be decoded ({err}).") from None
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            what = f"image file '{image}'" if isinstance(image, str) else f"image {_describe(image)}"
+            raise SampleError(sample.id, "corrupt_image", f"{what} cannot be decoded ({err}).") from None
     return images
+
+
+def _describe(image: object) -> str:
+    return f"({len(image)} bytes)" if isinstance(image, bytes) else repr(image)
