@@ -1,4 +1,4 @@
-"""`vlm train | predict | eval | export | data check`: the command-line entry points."""
+"""`vlm train | predict | eval | export | push | data check`: the command-line entry points."""
 
 from __future__ import annotations
 
@@ -63,6 +63,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .hub.push import PushError, push_folder
+
+    try:
+        url = push_folder(
+            args.model, args.repo_id, args.private, args.revision, args.commit_message, args.endpoint
+        )
+    except PushError as err:
+        print(f"Cannot push: {err}", file=sys.stderr)
+        return 2
+    print(f"Pushed {args.model} to {args.repo_id}" + (f" (branch {args.revision})" if args.revision else "") + f": {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["llava-hf"])
     export.add_argument("--out", required=True)
     export.set_defaults(run=_export)
+
+    push = commands.add_parser("push", help="upload a saved VLM folder (with a model card) to a model hub")
+    push.add_argument("--model", required=True, help="a saved VLM folder (e.g. output_dir/final)")
+    push.add_argument("--repo-id", required=True, help="ORG/NAME (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing); default main")
+    push.add_argument("--commit-message", default="Upload VLM")
+    push.add_argument("--endpoint", default=None, help="hub URL; default HF_ENDPOINT, then huggingface.co")
+    push.set_defaults(run=_push)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="read every sample as training would and report problems")

@@ -1,0 +1,290 @@
+"""Publishing: the real huggingface_hub client against a loopback stand-in for the hub's HTTP API.
+
+The real hub cannot be reached from the machines this runs on, so the test starts a small server
+that implements what `create_repo`, `create_branch` and `upload_folder` call (create repo, create
+branch, preupload, commit with base64 file contents) and keeps every file it receives.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from transformers import AutoTokenizer
+
+from vlm.cli import main
+from vlm.config import Config, config_to_dict
+from vlm.data.collator import Collator
+from vlm.data.sample import Sample
+from vlm.hub.model_card import write_model_card
+from vlm.hub.push import BackgroundPusher, PushError, push_folder
+from vlm.model import VLM
+
+TOKEN = "hf_FakeTokenForTests0123456789abcdef"
+REPO = "acme/tiny-vlm"
+
+
+class HubStandIn:
+    """What the hub keeps: repositories, their branches' files, and the commits in arrival order."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.repos: dict[str, dict] = {}
+        self.commits: list[dict] = []
+        self.requests: list[tuple[str, str]] = []
+        self.auth_headers: set[str] = set()
+        self.unexpected: list[str] = []
+        self.hold_commits = threading.Event()
+        self.hold_commits.set()
+        self.commit_arrived = threading.Event()
+
+    def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict]:
+        self.requests.append((method, path))
+        self.auth_headers.add(headers.get("Authorization", ""))
+        if headers.get("Authorization") != f"Bearer {self.token}":
+            return 401, {"error": "Invalid credentials in Authorization header"}
+        if method == "POST" and path == "/api/repos/create":
+            payload = json.loads(body)
+            repo = f"{payload['organization']}/{payload['name']}"
+            if repo in self.repos:
+                return 409, {"error": "You already created this model repo", "url": f"/{repo}"}
+            self.repos[repo] = {"visibility": payload.get("visibility"), "branches": {"main": {}}}
+            return 200, {"url": f"{self.url}/{repo}"}
+        if method == "POST" and path == "/api/validate-yaml":
+            return 200, {"errors": [], "warnings": []}
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|preupload|commit)/(.+)", path)
+        if method != "POST" or not match:
+            self.unexpected.append(f"{method} {path}")
+            return 404, {"error": f"not implemented by the stand-in: {method} {path}"}
+        repo, action, revision = match.group(1), match.group(2), unquote(match.group(3))
+        if repo not in self.repos:
+            return 404, {"error": "Repository not found"}
+        branches = self.repos[repo]["branches"]
+        if action == "branch":
+            if revision in branches:
+                return 409, {"error": "Branch already exists"}
+            branches[revision] = dict(branches["main"])
+            return 200, {}
+        if revision not in branches:
+            return 404, {"error": f"Invalid rev id: {revision}"}
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+        self.commit_arrived.set()
+        assert self.hold_commits.wait(30), "the test never released the held commit"
+        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        header = next(line["value"] for line in lines if line["key"] == "header")
+        files = {}
+        for line in lines:
+            if line["key"] == "file":
+                assert line["value"]["encoding"] == "base64"
+                files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            elif line["key"] != "header":
+                return 400, {"error": f"the stand-in only takes regular files, got {line['key']}"}
+        branches[revision].update(files)
+        oid = hashlib.sha1(body).hexdigest()
+        self.commits.append({"repo": repo, "revision": revision, "summary": header["summary"], "files": files})
+        return 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+
+    def files(self, repo: str = REPO, revision: str = "main") -> dict[str, bytes]:
+        return self.repos[repo]["branches"][revision]
+
+    def write(self, target: Path, repo: str = REPO, revision: str = "main") -> Path:
+        for name, data in self.files(repo, revision).items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(data)
+        return target
+
+
+@pytest.fixture()
+def hub(monkeypatch, tmp_path):
+    """A running stand-in; huggingface_hub's own token lookup is pointed at an empty home."""
+    state = HubStandIn(TOKEN)
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            status, payload = state.handle(self.command, urlsplit(self.path).path, self.headers, body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_HEAD = do_PUT = _serve
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    yield state
+    state.hold_commits.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def saved(backbones, tmp_path_factory):
+    """A saved VLM (non-trivial fusion weights) whose card was written from a training config."""
+    torch.manual_seed(0)
+    config = Config()
+    config.model.vision, config.model.lm = str(backbones["vit"]), str(backbones["lm"])
+    config.data.train_files = ["hf:acme/shapes-vqa", "/data/my_shapes/train.json"]
+    model = VLM.from_config(config.model).eval()
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("push") / "final"
+    model.save_pretrained(folder)
+    write_model_card(folder, config_to_dict(config), {"eval_loss": 0.4321, "vqa": {"accuracy": 0.875}}, repo_id=REPO)
+    return model, folder
+
+
+def logits(model: VLM, image: Path) -> torch.Tensor:
+    sample = Sample("s", [{"role": "user", "content": "<image>\nWhat colour is it?"}], [str(image)])
+    batch = Collator(model.tokenizer.pad_token_id, "left")([model.processor(sample, for_generation=True)])
+    with torch.no_grad():
+        return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+
+
+def test_pushed_folder_is_complete_loads_with_equal_logits_and_never_carries_the_token(
+    hub, saved, tmp_path, capsys, caplog, monkeypatch
+):
+    model, folder = saved
+    caplog.set_level(logging.DEBUG)
+    url = push_folder(folder, REPO, private=True, commit_message="Final model", endpoint=hub.url, token=TOKEN)
+    assert url.startswith(f"{hub.url}/{REPO}/commit/")
+    assert hub.unexpected == [] and hub.auth_headers == {f"Bearer {TOKEN}"}
+    assert hub.repos[REPO]["visibility"] == "private"
+    assert [c["summary"] for c in hub.commits] == ["Final model"]
+
+    received = hub.files()
+    local = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert set(received) == local
+    assert {
+        "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+        "generation_config.json", "README.md", "vision/config.json", "lm/config.json",
+    } <= set(received)
+    assert not [name for name in received if name.endswith((".bin", ".pt", ".pkl", ".pth"))]
+    out = hub.write(tmp_path / "received")
+    assert AutoTokenizer.from_pretrained(out).chat_template == model.tokenizer.chat_template
+    assert model.tokenizer.chat_template and "{%" in model.tokenizer.chat_template
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["vit", "lm"]  # local backbones: their folders' names
+    assert card.data.pipeline_tag == "image-text-to-text" and card.data.library_name == "vlm"
+    assert {"vision-language", "image-text-to-text", "fusion-projector", "projector-mlp2x_gelu"} <= set(card.data.tags)
+    assert card.data.datasets == ["acme/shapes-vqa", "my_shapes"]
+    assert "| eval_loss | 0.4321 |" in card.text and "| vqa.accuracy | 0.875 |" in card.text
+    assert "```yaml\nmodel:\n" in card.text and "train_files:" in card.text
+    assert "--format llava-hf" not in card.text  # timm tower: not LLaVA-shaped
+
+    image = tmp_path / "picture.jpg"
+    Image.new("RGB", (64, 64), (30, 160, 40)).save(image)
+    reloaded = VLM.from_pretrained(out).eval()
+    assert torch.equal(logits(reloaded, image), logits(model, image))
+
+    # The card's snippet runs as written, with the download answered by the received files.
+    snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **_: str(out) if repo_id == REPO else None)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "model-card-snippet", "exec"), namespace)
+    printed = capsys.readouterr()
+    assert isinstance(namespace["model"], VLM) and printed.out.endswith("\n")  # loaded, and printed an answer
+
+    seen = printed.out + printed.err + caplog.text + "".join(data.decode("latin-1") for data in received.values())
+    assert TOKEN not in seen
+
+
+def test_token_comes_from_hf_token_and_a_refusal_names_repo_not_token(hub, saved, monkeypatch):
+    _, folder = saved
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_folder(folder, REPO, endpoint=hub.url)  # no token argument: huggingface_hub finds HF_TOKEN
+    assert hub.auth_headers == {f"Bearer {TOKEN}"} and len(hub.commits) == 1
+
+    wrong = "hf_WrongTokenThatMustNotLeak42"
+    with pytest.raises(PushError) as err:
+        push_folder(folder, REPO, endpoint=hub.url, token=wrong)
+    message = str(err.value)
+    assert REPO in message and "HF_TOKEN" in message and "401" in message
+    assert wrong not in message and TOKEN not in message
+
+
+def test_background_pushes_return_at_once_keep_order_and_snapshot_the_folder(hub, saved, tmp_path):
+    model, folder = saved
+    work = tmp_path / "checkpoint"
+    model.save_pretrained(work)
+    first_weights = (work / "model.safetensors").read_bytes()
+    hub.hold_commits.clear()  # the stand-in sits on every commit until released
+    with BackgroundPusher(REPO, revision="training", endpoint=hub.url, token=TOKEN) as pusher:
+        first = pusher.push(work, "step 1")
+        assert hub.commit_arrived.wait(60) and not first.done()  # push() returned while its commit is pending
+        with torch.no_grad():
+            model.fusion.proj[0].bias.add_(1.0)
+        model.save_pretrained(work)  # the trainer overwrites the folder while the first push is in flight
+        second = pusher.push(work, "step 2")
+        assert not second.done()
+        hub.hold_commits.set()
+        urls = pusher.wait()
+    assert len(urls) == 2 and urls[0] != urls[1]
+    assert [(c["summary"], c["revision"]) for c in hub.commits] == [("step 1", "training"), ("step 2", "training")]
+    assert hub.commits[0]["files"]["model.safetensors"] == first_weights
+    assert hub.commits[1]["files"]["model.safetensors"] == (work / "model.safetensors").read_bytes() != first_weights
+    assert hub.files(revision="main") == {} and "README.md" in hub.files(revision="training")
+    with torch.no_grad():
+        model.fusion.proj[0].bias.sub_(1.0)
+
+
+def test_background_failure_is_reported_by_wait(hub, saved):
+    _, folder = saved
+    pusher = BackgroundPusher(REPO, endpoint=hub.url, token="hf_NotTheRightOne")
+    pusher.push(folder, "final")
+    with pytest.raises(PushError, match=r"1 of 1 push\(es\) failed:\n.*acme/tiny-vlm.*HF_TOKEN") as err:
+        pusher.wait()
+    assert "hf_NotTheRightOne" not in str(err.value) and str(folder) in str(err.value)
+    pusher.close()
+
+
+def test_cli_push_uses_hf_endpoint_hf_token_branch_and_writes_a_missing_card(hub, saved, tmp_path, monkeypatch, capsys):
+    model, _ = saved
+    folder = tmp_path / "plain"
+    model.save_pretrained(folder)  # no README.md yet
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    args = ["push", "--model", str(folder), "--repo-id", "acme/cli-vlm", "--private", "--revision", "dev",
+            "--commit-message", "From the CLI"]
+    assert main(args) == 0
+    assert hub.repos["acme/cli-vlm"]["visibility"] == "private"
+    assert hub.files("acme/cli-vlm", "main") == {}
+    files = hub.files("acme/cli-vlm", "dev")
+    assert [c["summary"] for c in hub.commits] == ["From the CLI"]
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.pipeline_tag == "image-text-to-text" and 'snapshot_download("acme/cli-vlm")' in card.text
+    out = capsys.readouterr()
+    assert "acme/cli-vlm" in out.out and TOKEN not in out.out + out.err
+
+    assert main(["push", "--model", str(tmp_path / "missing"), "--repo-id", "acme/cli-vlm"]) == 2
+    assert "is not a saved VLM folder" in capsys.readouterr().err

@@ -1,0 +1,285 @@
+"""The model card (README.md) of a saved VLM folder, built with huggingface_hub's `ModelCard`.
+
+The card is what a stranger sees first on the hub: its YAML metadata makes the model findable
+(`base_model`, `datasets`, `tags`, `pipeline_tag`, `library_name`), and its text says what the
+model is made of, how it was trained, how well it did, and how to load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+CARD_NAME = "README.md"
+LIBRARY_NAME = "vlm"
+PIPELINE_TAG = "image-text-to-text"
+LOCAL_PLACEHOLDER = "path/to/this/folder"
+"""Stands in the loading snippet for a card written before the repository id is known."""
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A vision-language model trained with `vlm`: a frozen **{{ vision }}** vision tower, **{{ fusion_text }}** fusion,
+and the **{{ lm }}** language model. It answers questions about images and describes them
+(`{{ pipeline_tag }}`).
+
+| part | what |
+|---|---|
+| vision tower | `{{ vision_spec }}` ({{ vision_library }}) |
+| fusion | {{ fusion_text }}; {{ tokens_per_image }} text positions per image |
+| language model | `{{ lm_spec }}` |
+| files | `model.safetensors` (all weights), `config.json`, tokenizer with its chat template, `preprocessor_config.json`, `generation_config.json`, backbone configs in `vision/` and `lm/` |
+
+## How to use
+
+Needs the `vlm` package (the project this model was trained with: `pip install .` in its checkout).
+The weights are plain safetensors; nothing is unpickled and no remote code runs.
+
+```python
+{{ snippet }}
+```
+{% if llava_note %}
+This model is LLaVA-shaped, so it can also be exported to transformers' own
+`LlavaForConditionalGeneration` and used without this package:
+
+```bash
+{{ llava_commands }}
+```
+{% endif %}
+## Evaluation
+{% if metrics %}
+Final evaluation at the end of training:
+
+| metric | value |
+|---|---|
+{% for name, value in metrics %}| {{ name }} | {{ value }} |
+{% endfor %}{% else %}
+No evaluation metrics were recorded for this checkpoint.
+{% endif %}
+## Training configuration
+{% if train_config %}
+```yaml
+{{ train_config }}```
+{% else %}
+The training configuration was not recorded for this checkpoint.
+{% endif %}"""
+
+
+def build_model_card(
+    folder: str | Path,
+    train_config: Optional[dict[str, Any]] = None,
+    metrics: Optional[dict[str, Any]] = None,
+    repo_id: Optional[str] = None,
+    datasets: Optional[list[str]] = None,
+) -> ModelCard:
+    """The card of the saved VLM in `folder` (reads its config.json; writes nothing).
+
+    `train_config` is the run's config as a dict (`config_to_dict(config)`), `metrics` the final
+    eval results; `repo_id` makes the loading snippet download from the hub. `datasets` overrides
+    the dataset names derived from `train_config["data"]["train_files"]`.
+    """
+    folder = Path(folder)
+    meta_path = folder / "config.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"'{folder}' is not a saved VLM folder (no config.json); save the model first.")
+    meta = json.loads(meta_path.read_text())
+    model = meta.get("model", {})
+    vision_spec, lm_spec = model.get("vision", ""), model.get("lm", "")
+    vision, lm = base_model_name(vision_spec, folder / "vision"), base_model_name(lm_spec, folder / "lm")
+    fusion = model.get("fusion", "projector")
+    fusion_text = f"`{fusion}`" + (f" (`{model['projector']}`)" if fusion == "projector" and model.get("projector") else "")
+    tags = ["vision-language", PIPELINE_TAG, "vlm", f"fusion-{fusion}"]
+    if fusion == "projector" and model.get("projector"):
+        tags.append(f"projector-{model['projector']}")
+    data = ModelCardData(
+        base_model=[name for name in (vision, lm) if name],
+        datasets=datasets if datasets is not None else dataset_names(train_config),
+        tags=tags,
+        pipeline_tag=PIPELINE_TAG,
+        library_name=LIBRARY_NAME,
+        model_name=repo_id.split("/")[-1] if repo_id else folder.resolve().name,
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=_TEMPLATE,
+        vision=vision or "(unknown)",
+        lm=lm or "(unknown)",
+        vision_spec=vision_spec,
+        lm_spec=lm_spec,
+        vision_library=meta.get("vision_library", "unknown library"),
+        fusion_text=fusion_text,
+        tokens_per_image=meta.get("tokens_per_image", "?"),
+        snippet=loading_snippet(repo_id),
+        llava_commands=llava_commands(repo_id),
+        llava_note=meta.get("vision_library") == "transformers" and fusion == "projector"
+        and model.get("projector") == "mlp2x_gelu",
+        metrics=_metric_rows(metrics),
+        train_config=yaml.safe_dump(train_config, sort_keys=False) if train_config else "",
+    )
+
+
+def write_model_card(
+    folder: str | Path,
+    train_config: Optional[dict[str, Any]] = None,
+    metrics: Optional[dict[str, Any]] = None,
+    repo_id: Optional[str] = None,
+    datasets: Optional[list[str]] = None,
+) -> Path:
+    """Write `folder/README.md` (replacing any old one in a single rename) and return its path."""
+    card = build_model_card(folder, train_config, metrics, repo_id, datasets)
+    path = Path(folder) / CARD_NAME
+    _write_atomic(path, str(card))
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling and rename it over `path`: readers never see half a card."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def loading_snippet(repo_id: Optional[str]) -> str:
+    """Python that loads the model and answers one question (from the hub when `repo_id` is known)."""
+    if repo_id:
+        load = (
+            "from huggingface_hub import snapshot_download\n"
+            "from PIL import Image\n"
+            "from vlm.model import VLM\n\n"
+            f'model = VLM.from_pretrained(snapshot_download("{repo_id}")).eval()\n'
+        )
+    else:
+        load = (
+            "from PIL import Image\n"
+            "from vlm.model import VLM\n\n"
+            f'model = VLM.from_pretrained("{LOCAL_PLACEHOLDER}").eval()\n'
+        )
+    return load + 'print(model.generate(images=[Image.open("picture.jpg")], prompt="What is in the picture?"))'
+
+
+def llava_commands(repo_id: Optional[str]) -> str:
+    """Shell lines that export this model to transformers' Llava (after downloading it, for a hub repo)."""
+    if not repo_id:
+        return f"vlm export --model {LOCAL_PLACEHOLDER} --format llava-hf --out llava-hf"
+    name = repo_id.split("/")[-1]
+    return (
+        f"hf download {repo_id} --local-dir {name}\n"
+        f"vlm export --model {name} --format llava-hf --out {name}-llava-hf"
+    )
+
+
+def point_card_at_repo(folder: str | Path, repo_id: str) -> bool:
+    """Turn a card written before the repository id was known into one that loads from `repo_id`.
+
+    Only the title, `model_name` and the snippets change; returns whether anything did.
+    """
+    path = Path(folder) / CARD_NAME
+    card = ModelCard.load(path)
+    if LOCAL_PLACEHOLDER not in card.text:
+        return False
+    old_name, new_name = card.data.model_name, repo_id.split("/")[-1]
+    text = card.text.replace(loading_snippet(None), loading_snippet(repo_id))
+    text = text.replace(llava_commands(None), llava_commands(repo_id))
+    if old_name:
+        text = text.replace(f"# {old_name}\n", f"# {new_name}\n", 1)
+    card.text, card.data.model_name = text, new_name
+    _write_atomic(path, str(card))
+    return True
+
+
+def base_model_name(spec: str, saved: Optional[Path] = None) -> Optional[str]:
+    """A backbone spec (`hf:org/name`, `timm:name`, a hub id or a local folder) as a hub model name.
+
+    Local folders give the hub id their config.json records (or, once the folder is gone, the copy
+    in the saved VLM's `saved` sub-folder), else the folder's name.
+    """
+    if not spec:
+        return None
+    if spec.startswith("hf:"):
+        spec = spec[len("hf:") :]
+    elif spec.startswith("timm:"):
+        name = spec[len("timm:") :]
+        if name.startswith("hf-hub:"):
+            return name[len("hf-hub:") :]
+        if not _is_local(name):
+            return f"timm/{name}"
+        spec = name
+    if not _is_local(spec) and _is_repo_id(spec):
+        return spec
+    recorded = _recorded_hub_id(Path(spec).expanduser()) or (_recorded_hub_id(saved) if saved else None)
+    return recorded or Path(spec.rstrip("/")).name or None
+
+
+def dataset_names(train_config: Optional[dict[str, Any]]) -> list[str]:
+    """Hub ids (`hf:org/name` or bare ids) as they are; local files by a short, readable name."""
+    files = ((train_config or {}).get("data") or {}).get("train_files") or []
+    names: list[str] = []
+    for item in files:
+        item = str(item)
+        if item.startswith("hf:"):
+            name = item[len("hf:") :]
+        elif not _is_local(item) and _is_repo_id(item) and not Path(item).suffix:
+            name = item
+        else:
+            path = Path(item)
+            generic = path.stem.lower() in {"train", "training", "data", "dataset", "all"}
+            name = path.parent.name if generic and path.parent.name else path.stem
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def _is_local(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec)
+
+
+def _is_repo_id(spec: str) -> bool:
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _recorded_hub_id(path: Path) -> Optional[str]:
+    """The hub id a local checkpoint says it came from (transformers `_name_or_path`, timm `hf_hub_id`)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    candidates = [data.get("_name_or_path"), (data.get("pretrained_cfg") or {}).get("hf_hub_id")]
+    for name in candidates:
+        if isinstance(name, str) and name and not _is_local(name) and _is_repo_id(name):
+            return name
+    return None
+
+
+def _metric_rows(metrics: Optional[dict[str, Any]], prefix: str = "") -> list[tuple[str, str]]:
+    """Nested metrics flattened to (dotted name, formatted value) rows."""
+    rows: list[tuple[str, str]] = []
+    for key, value in (metrics or {}).items():
+        if isinstance(value, dict):
+            rows.extend(_metric_rows(value, f"{prefix}{key}."))
+        elif isinstance(value, float):
+            rows.append((f"{prefix}{key}", f"{value:.4g}"))
+        else:
+            rows.append((f"{prefix}{key}", str(value)))
+    return rows
