@@ -39,13 +39,14 @@ def _data_check(args: argparse.Namespace) -> int:
     from .data.check import check_data
     from .model import VLM
 
-    processor, image_root = None, args.image_root
+    processor, image_root, data = None, args.image_root, None
     if args.config:
         config = load_config(args.config)
         processor = VLM.build_processor(config.model)
         processor.max_length = config.data.max_length
-        image_root = image_root or config.data.image_root
-    report = check_data(args.files, processor, image_root)
+        processor.truncate_text = config.data.truncate_text
+        image_root, data = image_root or config.data.image_root, config.data
+    report = check_data(args.files, processor, image_root, data)
     print(report.render())
     return 1 if report.bad else 0
 
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="read every sample as training would and report problems")
-    check.add_argument("files", nargs="+", help="LLaVA JSON / messages JSONL files")
+    check.add_argument("files", nargs="+", help="data files or dataset folders (any format training reads)")
     check.add_argument("--config", help="training config: adds chat-template tokenisation and length checks")
     check.add_argument("--image-root", default=None, help="folder image paths are relative to")
     check.set_defaults(run=_data_check)

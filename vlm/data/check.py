@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import DataConfig, DataFile
 from .formats import read_samples
 from .processor import VLMProcessor, check_sample, load_images
 from .sample import IMAGE_TAG, SampleError
@@ -45,13 +46,16 @@ class DataReport:
 
 
 def check_data(
-    files: list[str | Path], processor: VLMProcessor | None = None, image_root: str | Path | None = None
+    files: list[str | Path | DataFile], processor: VLMProcessor | None = None, image_root: str | Path | None = None,
+    data: DataConfig | None = None,
 ) -> DataReport:
     """Every sample goes through what training does with it: parsing, structure checks, image
-    decoding and, with a processor, tokenisation with the chat template and the length limit."""
+    decoding and, with a processor, tokenisation with the chat template and the length limit
+    (or truncation, with `processor.truncate_text`). `data` supplies the table prompt templates."""
     report = DataReport()
+    data = data or DataConfig()
     for file in files:
-        samples, errors = read_samples(file, image_root)
+        samples, errors = read_samples(file, image_root, caption_prompt=data.caption_prompt, vqa_prompt=data.vqa_prompt)
         report.samples += len(samples) + len(errors)
         for err in errors:
             _record(report, err)

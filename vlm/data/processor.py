@@ -32,6 +32,7 @@ class VLMProcessor:
         image_token: str,
         tokens_per_image: int,
         max_length: int | None = None,
+        truncate_text: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
@@ -39,6 +40,8 @@ class VLMProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
+        self.truncate_text = truncate_text
+        """Over-long samples: cut the text after the last image token (True) or reject them (False)."""
 
     def __call__(self, sample: Sample, for_generation: bool = False, with_pixels: bool = True) -> dict[str, Any]:
         """Returns input_ids [seq], labels [seq], pixel_values [num_images, 3, H, W] or None, id.
@@ -53,11 +56,7 @@ class VLMProcessor:
         num_images = sum(m["content"].count(self.image_token) for m in messages)
         ids, labels = self._expand_images(ids, labels)
         if self.max_length is not None and not for_generation and len(ids) > self.max_length:
-            raise SampleError(
-                sample.id, "too_long",
-                f"is {len(ids)} tokens with image tokens counted, over data.max_length={self.max_length}; "
-                "raise data.max_length or shorten the sample.",
-            )
+            ids, labels = self._fit_length(sample.id, ids, labels)
         images = self.load_images(sample)[:num_images] if with_pixels else []
         pixel_values = torch.stack([self.image_transform(im) for im in images]) if images else None
         return {
@@ -66,6 +65,28 @@ class VLMProcessor:
             "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": pixel_values,
         }
+
+    def _fit_length(self, sample_id: str, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Truncate the text after the last image token (data.truncate_text), never through image tokens."""
+        too_long = f"is {len(ids)} tokens with image tokens counted, over data.max_length={self.max_length}"
+        if not self.truncate_text:
+            raise SampleError(
+                sample_id, "too_long",
+                f"{too_long}; raise data.max_length, shorten the sample or set data.truncate_text=true.",
+            )
+        images_end = max((i + 1 for i, t in enumerate(ids) if t == self.image_token_id), default=0)
+        if images_end > self.max_length:
+            raise SampleError(
+                sample_id, "too_long",
+                f"{too_long} and its image tokens alone reach position {images_end}, so truncating the text "
+                "cannot fit it; raise data.max_length or use fewer images.",
+            )
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SampleError(
+                sample_id, "too_long", f"{too_long} and no answer token is left after truncation; raise data.max_length.",
+            )
+        return ids, labels
 
     def check(self, sample: Sample) -> None:
         check_sample(sample, self.image_token)

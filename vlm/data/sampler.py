@@ -1,0 +1,81 @@
+"""A length-grouped sampler (`data.group_by_length`): batches of similar length, so less padding.
+
+The order comes from transformers' `get_length_grouped_indices` (random mega-batches, each sorted
+by length, the longest batch first so an out-of-memory shows at step 1), drawn from seed + epoch
+so every rank computes the same global order. Rank r then takes every world_size-th index, like
+`DistributedSampler`: with batch size B on W ranks, step k's batches on all ranks together are
+the k-th length-grouped global batch of W*B samples.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from .processor import VLMProcessor
+from .sample import Sample
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices of a map-style dataset for one rank; call `set_epoch` before each epoch.
+
+    Same interface as the loop's `ResumableSampler`: `set_epoch(epoch)`, `set_position(epoch,
+    start)` to resume `start` indices into this rank's share, `len()` of what is left.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+        mega_batch_mult: int | None = None,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside a world of {num_replicas} process(es).")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.mega_batch_mult = mega_batch_mult
+        self.epoch = 0
+        self.start = 0
+        self.num_samples = -(-len(self.lengths) // num_replicas)  # ceil: every rank gets as many
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def global_order(self) -> list[int]:
+        """The epoch's order over all ranks, padded (by wrapping around) to a multiple of the world size."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = list(get_length_grouped_indices(
+            self.lengths, self.batch_size * self.num_replicas, self.mega_batch_mult, generator=generator
+        ))
+        total = self.num_samples * self.num_replicas
+        return (order * (1 + total // max(len(order), 1)))[:total]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_order()[self.rank :: self.num_replicas][self.start :])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
+
+
+def estimate_lengths(samples: Sequence[Sample], processor: VLMProcessor, chunk: int = 1024) -> list[int]:
+    """Tokens per sample without the chat template's markup: text tokens plus image tokens.
+
+    Cheap enough for a whole dataset (batched fast tokenisation, no image decoding); the sampler
+    only needs lengths to rank samples, not exact ones.
+    """
+    per_image = max(processor.tokens_per_image, 1)
+    lengths = []
+    for start in range(0, len(samples), chunk):
+        part = samples[start : start + chunk]
+        texts = ["\n".join(m["content"] for m in s.messages) for s in part]
+        encoded = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for sample, ids in zip(part, encoded):
+            lengths.append(len(ids) + len(sample.images) * (per_image - 1))
+    return lengths
