@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -23,7 +24,8 @@ def _predict(args: argparse.Namespace) -> int:
     from .model import VLM
 
     model = VLM.from_pretrained(args.model)
-    count = predict(model, args.data, args.out, args.image_root, args.max_new_tokens, args.batch_size)
+    count = predict(model, args.data, args.out, args.image_root, args.max_new_tokens, args.batch_size,
+                    image_drop=args.image_drop, seed=args.seed)
     print(f"Wrote {count} predictions to {args.out}")
     return 0
 
@@ -33,6 +35,18 @@ def _eval(args: argparse.Namespace) -> int:
 
     print(json.dumps(evaluate_predictions(args.predictions, args.data), indent=2))
     return 0
+
+
+def _bench_fusion(args: argparse.Namespace) -> int:
+    from .bench.fusion import bench_fusion
+
+    rows = bench_fusion(
+        args.config, [s.strip() for s in args.strategies.split(",") if s.strip()],
+        [float(r) for r in args.image_drop.split(",")], args.out, args.steps, args.overrides, args.data,
+        args.image_root, args.max_new_tokens, args.batch_size,
+    )
+    print((Path(args.out) / "results.md").read_text())
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 
 def _data_check(args: argparse.Namespace) -> int:
@@ -94,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="predictions JSONL to write")
     predict.add_argument("--max-new-tokens", type=int, default=32)
     predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--image-drop", type=float, default=0.0,
+                         help="drop each image (and its <image> tag) with this probability, to test missing images")
+    predict.add_argument("--seed", type=int, default=0, help="seed of the --image-drop draws")
     predict.set_defaults(run=_predict)
 
     evaluate = commands.add_parser("eval", help="score predictions: VQA accuracy, BLEU-4, CIDEr-D")
@@ -115,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", default="Upload VLM")
     push.add_argument("--endpoint", default=None, help="hub URL; default HF_ENDPOINT, then huggingface.co")
     push.set_defaults(run=_push)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    fusion = bench.add_parser("fusion", help="train and compare fusion strategies, with missing images too")
+    fusion.add_argument("--config", required=True, help="YAML config every strategy starts from")
+    fusion.add_argument("--strategies", default="early,projector,resampler,cross_attention,late")
+    fusion.add_argument("--image-drop", default="0,0.5,1.0", help="comma-separated image-drop rates for evaluation")
+    fusion.add_argument("--out", required=True, help="folder for results.md / results.csv / fusion.png and runs")
+    fusion.add_argument("--steps", type=int, default=None, help="training steps per strategy (default: the config's)")
+    fusion.add_argument("--data", default=None, help="test file (default: test.json beside the training data)")
+    fusion.add_argument("--image-root", default=None)
+    fusion.add_argument("--max-new-tokens", type=int, default=24)
+    fusion.add_argument("--batch-size", type=int, default=32)
+    fusion.add_argument("overrides", nargs="*", help="dotted config overrides applied to every strategy")
+    fusion.set_defaults(run=_bench_fusion)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="read every sample as training would and report problems")

@@ -32,6 +32,7 @@ class ModelConfig:
     init_from: Optional[str] = None
     """The documented name for `pretrained` (stage 2 starts from stage 1's `final/`); set one of the two."""
     fusion: str = "projector"
+    """Fusion strategy: `early`, `projector`, `resampler`, `cross_attention` or `late` (vlm/fusion/)."""
     projector: str = "mlp2x_gelu"
     pixel_shuffle_factor: int = 2
     vision_feature_layer: int = -2
@@ -45,9 +46,10 @@ class ModelConfig:
     cross_attn_heads: Optional[int] = None
     """`fusion: cross_attention`: attention heads of each block; by default the LM's."""
     resampler_depth: int = 0
-    """`fusion: cross_attention`: Perceiver-resampler layers before the blocks (0: patch tokens, linearly projected)."""
+    """`fusion: cross_attention`: Perceiver-resampler layers before the blocks (0: patch tokens, linearly projected);
+    `fusion: resampler`: its layers (0 means 2)."""
     resampler_latents: int = 64
-    """`fusion: cross_attention` with a resampler: visual tokens per image (learned latents)."""
+    """`fusion: cross_attention` with a resampler, or `fusion: resampler`: visual tokens per image (learned latents)."""
 
 
 @dataclass
@@ -154,6 +156,8 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on `data.eval_files` every N optimizer steps (0: only at the end)."""
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    image_dropout: float = 0.0
+    """Drop each training image (and its `<image>` tag) with this probability, so the model learns to answer without it."""
 
 
 @dataclass

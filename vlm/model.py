@@ -48,6 +48,7 @@ class VLM(nn.Module):
         self.fusion = fusion
         self.lm = lm
         self.tokenizer = tokenizer
+        fusion.attach_vision(vision)
         fusion.attach(lm, tokenizer.convert_tokens_to_ids(config.image_token))
         self.processor = VLMProcessor(
             tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image
@@ -85,8 +86,9 @@ class VLM(nn.Module):
         return VLMProcessor(tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[num_images, 3, H, W] -> vision features [num_images, num_patches, vision_dim]."""
-        return self.vision(pixel_values)
+        """[num_images, 3, H, W] -> what the fusion reads, by default the tower's features
+        [num_images, num_patches, vision_dim]; the fusion decides (`Fusion.encode`)."""
+        return self.fusion.encode(self.vision, pixel_values)
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -99,6 +101,11 @@ class VLM(nn.Module):
         """
         embeds = self.lm.get_input_embeddings()(input_ids)
         if image_features is not None:
+            if not self.fusion.reads_encoder_features:
+                raise ValueError(
+                    f"model.fusion='{self.config.fusion}' reads raw pixels, not the vision tower's features, so "
+                    "cached features (data.cache_features) cannot stand in for it; set data.cache_features=false."
+                )
             features = image_features.to(embeds.device)
         elif pixel_values is None or pixel_values.shape[0] == 0:
             return embeds, None

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .dropout import drop_images, dropout_generator
 from ..config import DataConfig, DataFile
 from .mixture import read_files
 from .feature_cache import FeatureCache
@@ -23,12 +24,19 @@ class ConversationDataset(Dataset):
     """Bad samples are dropped and counted at construction (cheap checks) or reported as
     `{"skipped": ...}` items at load time (image decoding), so a run never dies mid-way
     on one bad record. With `strict=True` the first bad sample raises instead.
+
+    image_dropout: each image is dropped (with its `<image>` tag) with this probability, drawn from
+    (seed, epoch, index) so a resumed run sees the same draws; call `set_epoch` at each epoch.
     """
 
     def __init__(
         self, samples: list[Sample], processor: VLMProcessor, strict: bool = False,
         errors: list[SampleError] = (), for_generation: bool = False, feature_cache: FeatureCache | None = None,
+        image_dropout: float = 0.0, seed: int = 0,
     ) -> None:
+        if not 0.0 <= image_dropout <= 1.0:
+            raise ValueError(f"train.image_dropout / --image-drop must be in [0, 1], got {image_dropout}.")
+        self.image_dropout, self.seed, self.epoch = image_dropout, seed, 0
         self.processor = processor
         self.feature_cache = feature_cache
         self.strict = strict
@@ -47,12 +55,16 @@ class ConversationDataset(Dataset):
     @classmethod
     def from_files(
         cls, files: list[str | DataFile], processor: VLMProcessor, image_root: str | None = None, strict: bool = False,
-        for_generation: bool = False, feature_cache: FeatureCache | None = None, seed: int = 0,
-        data: DataConfig | None = None,
+        for_generation: bool = False, feature_cache: FeatureCache | None = None,
+        image_dropout: float = 0.0, seed: int = 0, data: DataConfig | None = None,
     ) -> "ConversationDataset":
         """`files` may carry weights (a weighted mixture); `data` supplies the table prompt templates."""
         samples, errors = read_files(files, image_root, data, seed)
-        return cls(samples, processor, strict, errors, for_generation, feature_cache)
+        return cls(samples, processor, strict, errors, for_generation, feature_cache, image_dropout, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Image dropout draws depend on the epoch: call before each pass over the data."""
+        self.epoch = epoch
 
     def _report(self, err: SampleError) -> None:
         if self.strict:
@@ -76,6 +88,10 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
+        if self.image_dropout > 0:
+            sample = drop_images(
+                sample, self.image_dropout, dropout_generator(self.seed, self.epoch, index), self.processor.image_token
+            )
         try:
             if self.feature_cache is None:
                 return self.processor(sample, for_generation=self.for_generation)

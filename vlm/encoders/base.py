@@ -31,11 +31,14 @@ class VisionEncoder(nn.Module, ABC):
         self.frozen = True
         self.hidden_size = 0
         self.num_patches = 0
+        self.image_size: tuple[int, int] = (0, 0)
+        """(H, W) of the preprocessed pixel_values the tower takes."""
 
     def _measure(self, image_size: tuple[int, int]) -> None:
         """Record the output shape by running one blank image (cheaper than model-specific arithmetic)."""
         with torch.no_grad():
             out = self._features(torch.zeros(1, 3, *image_size))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.num_patches, self.hidden_size = int(out.shape[1]), int(out.shape[2])
 
     def set_frozen(self, frozen: bool) -> None:

@@ -22,10 +22,16 @@ logger = logging.getLogger(__name__)
 
 def predict(
     model: VLM, data_file: str | Path, out: str | Path, image_root: str | Path | None = None,
-    max_new_tokens: int = 32, batch_size: int = 16,
+    max_new_tokens: int = 32, batch_size: int = 16, image_drop: float = 0.0, seed: int = 0,
 ) -> int:
-    """Answer the last user turn of every sample; write `{"id", "prediction"}` lines. Returns the count."""
-    dataset = ConversationDataset.from_files([str(data_file)], model.processor, image_root, for_generation=True)
+    """Answer the last user turn of every sample; write `{"id", "prediction"}` lines. Returns the count.
+
+    image_drop: drop each image (and its tag) with this probability, seeded by `seed`, to measure
+    how the model answers with missing images.
+    """
+    dataset = ConversationDataset.from_files(
+        [str(data_file)], model.processor, image_root, for_generation=True, image_dropout=image_drop, seed=seed
+    )
     for category, count in dataset.problems.items():
         logger.warning("%d sample(s) skipped: %s", count, category)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(model.tokenizer.pad_token_id, "left"))

@@ -2,7 +2,8 @@
 
 1. `tokens_per_image`: how many text positions one image occupies (0 for strategies that
    reach the LM another way, such as cross-attention or late fusion).
-2. `embed_images`: what fills those positions.
+2. `encode` / `embed_images`: what the strategy reads from an image (by default the vision
+   tower's features; early fusion reads raw pixel patches instead) and what fills those positions.
 3. `attach` / `lm_forward` / `lm_generate`: what else changes in the LM's forward (blocks
    inserted, logits combined). The default is an unchanged LM call.
 
@@ -18,12 +19,16 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..encoders import VisionEncoder
 
 _REGISTRY: dict[str, type["Fusion"]] = {}
 
 
 class Fusion(nn.Module, ABC):
     """Base class; `vision_dim` / `grid` describe the encoder output, `lm_dim` the LM's hidden size."""
+
+    reads_encoder_features: bool = True
+    """False for strategies whose `encode` never runs the vision tower (so a feature cache is meaningless)."""
 
     def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
         super().__init__()
@@ -36,9 +41,18 @@ class Fusion(nn.Module, ABC):
     def tokens_per_image(self) -> int:
         """Text positions one image occupies in the LM's sequence."""
 
+    def encode(self, vision: VisionEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [num_images, 3, H, W] -> what `embed_images` reads; default: the tower's
+        features [num_images, num_patches, vision_dim]."""
+        return vision(pixel_values)
+
     @abstractmethod
     def embed_images(self, features: torch.Tensor) -> torch.Tensor:
-        """features [num_images, num_patches, vision_dim] -> [num_images, tokens_per_image, lm_dim]."""
+        """features (from `encode`) [num_images, num_patches, dim] -> [num_images, tokens_per_image, lm_dim]."""
+
+    def attach_vision(self, vision: VisionEncoder) -> None:
+        """Create what depends on the tower beyond its output shape (e.g. its input size); called once by
+        the VLM at construction, before any weights are loaded. Default: nothing."""
 
     def attach(self, lm: nn.Module, image_token_id: int | None = None) -> None:
         """Install what the strategy needs inside the LM (e.g. wrap decoder layers); called once by the

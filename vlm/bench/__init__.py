@@ -1,0 +1,1 @@
+"""Benchmarks that compare configurations end to end (`vlm bench ...`)."""

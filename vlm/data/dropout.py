@@ -1,0 +1,48 @@
+"""Image (modality) dropout: remove a sample's images and their `<image>` tags together.
+
+Used in training (`train.image_dropout`) so a model learns to answer with missing images, and in
+evaluation (`vlm predict --image-drop`) to measure how it degrades. Each image is dropped on its
+own with probability p; the answer is kept, so a sample with every image dropped is a plain
+text-only sample. The draw depends only on (seed, epoch, sample index), so a resumed run or a
+re-run evaluation drops exactly the same images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from .sample import IMAGE_TAG, Sample
+
+
+def dropout_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator whose draws are a pure function of (seed, epoch, sample index)."""
+    return torch.Generator().manual_seed(hash((int(seed), int(epoch), int(index))) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def drop_images(sample: Sample, p: float, generator: torch.Generator, image_tag: str = IMAGE_TAG) -> Sample:
+    """A copy of `sample` without the images drawn for dropping (each with probability p) and without
+    their tags (with the newline or space that follows one). A tag that is a turn's whole text is kept
+    with its image, since removing it would leave an empty turn."""
+    if p <= 0 or not sample.images:
+        return sample
+    drop = (torch.rand(len(sample.images), generator=generator) < p).tolist()
+    if not any(drop):
+        return sample
+    pattern = re.compile(re.escape(image_tag) + r"[ \t]*\n?|" + re.escape(image_tag) + " ?")
+    kept_images, messages, k = [], [], 0
+    for message in sample.messages:
+        content = message["content"]
+        pieces, last = [], 0
+        for match in pattern.finditer(content):
+            if k < len(drop) and drop[k] and content.replace(match.group(0), "", 1).strip():
+                pieces.append(content[last:match.start()])
+                last = match.end()
+            elif k < len(sample.images):
+                kept_images.append(sample.images[k])
+            k += 1
+        pieces.append(content[last:])
+        messages.append({**message, "content": "".join(pieces)})
+    return dataclasses.replace(sample, messages=messages, images=kept_images)

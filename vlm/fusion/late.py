@@ -1,0 +1,155 @@
+"""Late (decision-level) fusion (`model.fusion: late`): two predictors, mixed at the output.
+
+The LM reads only the text (each `<image>` stays one marker token, tokens_per_image = 0). A
+separate vision head maps the frozen tower's mean-pooled features to next-token logits over the
+vocabulary. At every position t after an image, the two next-token distributions are mixed with
+a learned, input-dependent weight g_t = sigmoid(w . h_t + b) read from the LM's last hidden state:
+
+    log p(x | ...) = logaddexp(log(1 - g_t) + log p_lm(x), log g_t + log p_vision(x))
+
+Positions before any image, and samples without one, get the LM's own logits untouched, so with
+no image the model is exactly the text-only LM. Positions after an image return log-probabilities
+(valid logits: softmax gives back the mixture). The vision head sees the image only, never the
+question: that is what "late" means, and why it cannot answer what depends on both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..config import ModelConfig
+from .base import Fusion, register_fusion
+
+
+@register_fusion("late")
+class LateFusion(Fusion):
+    """Vision head (pooled features -> vocabulary logits) + gate on the LM's hidden state."""
+
+    def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
+        super().__init__(vision_dim, grid, lm_dim, config)
+        self.pool_norm = nn.LayerNorm(vision_dim)
+        self.hidden = nn.Linear(vision_dim, lm_dim)
+        self.head: nn.Linear | None = None  # sized from the LM's vocabulary in `attach`
+        self.gate = nn.Linear(lm_dim, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return 0
+
+    def attach(self, lm: nn.Module, image_token_id: int | None = None) -> None:
+        """Create the vocabulary head (one row per LM output logit); idempotent."""
+        if self.head is None:
+            vocab = lm.get_output_embeddings().weight.shape[0]
+            self.head = nn.Linear(self.lm_dim, vocab).to(self.gate.weight.device)
+
+    def embed_images(self, features: torch.Tensor) -> torch.Tensor:
+        """features [n, patches, vision_dim] -> vision next-token log-probs [n, 1, vocab]."""
+        pooled = self.pool_norm(features.mean(1).to(self.gate.weight.dtype))
+        return F.log_softmax(self.head(F.gelu(self.hidden(pooled))).float(), dim=-1).unsqueeze(1)
+
+    def _image_of_position(
+        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per position, the vision log-probs of the most recent image: ([batch, seq, vocab] log-probs,
+        [batch, seq] has-an-image); None when the batch has no images."""
+        if image_features is None or image_features.shape[0] == 0:
+            return None
+        if image_mask is None:
+            raise ValueError("The late fusion needs `image_mask` (where each image's marker sits).")
+        if self.head is None:
+            raise RuntimeError("Call `fusion.attach(lm)` once before running the late fusion.")
+        counts = image_mask.sum(1)
+        n = image_features.shape[0]
+        if int(counts.sum()) == 0 and n == 1:
+            # A placeholder image in a text-only training batch (see Fusion.lm_forward): every position
+            # is text-only, the head still runs so all its parameters take part (with zero effect).
+            vision_logp = self.embed_images(image_features)[:, 0]
+            return vision_logp.expand(*image_mask.shape, -1), torch.zeros_like(image_mask)
+        if int(counts.sum()) != n:
+            raise ValueError(
+                f"The batch has {int(counts.sum())} image marker(s) but {n} image(s); the text and the images "
+                "do not match."
+            )
+        vision_logp = self.embed_images(image_features)[:, 0]  # [n, vocab]
+        slot = image_mask.long().cumsum(1) - 1  # [batch, seq]; -1 before the first image
+        index = ((counts.cumsum(0) - counts).unsqueeze(1) + slot).clamp(0, n - 1)
+        return vision_logp[index], slot >= 0
+
+    def mix(
+        self, lm_logits: torch.Tensor, hidden: torch.Tensor, vision_logp: torch.Tensor, has_image: torch.Tensor
+    ) -> torch.Tensor:
+        """lm_logits [b, q, vocab], hidden [b, q, lm_dim], vision_logp [b, q, vocab], has_image [b, q] ->
+        logits [b, q, vocab]: the mixture's log-probs where has_image, the LM's logits unchanged elsewhere."""
+        z = self.gate(hidden.to(self.gate.weight.dtype)).float()
+        mixed = torch.logaddexp(
+            F.logsigmoid(-z) + F.log_softmax(lm_logits.float(), dim=-1), F.logsigmoid(z) + vision_logp
+        )
+        if not bool(has_image.any()):  # a placeholder image only: exactly the LM, the fusion still in the graph
+            return lm_logits + 0 * mixed.sum().to(lm_logits.dtype)
+        return torch.where(has_image.unsqueeze(-1), mixed.to(lm_logits.dtype), lm_logits)
+
+    def lm_forward(
+        self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
+    ) -> Any:
+        """The LM's own call when the batch has no image; otherwise its logits mixed with the vision
+        head's, and the loss (labels shifted as in transformers) computed from the mixture."""
+        vision = self._image_of_position(image_features, image_mask)
+        if vision is None:
+            return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        labels = kwargs.pop("labels", None)
+        kwargs["output_hidden_states"] = True
+        out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        logits = self.mix(out.logits, out.hidden_states[-1], *vision)
+        loss = None
+        if labels is not None:  # transformers' causal-LM loss (shift, upcast, ignore -100) on the mixture
+            loss = lm.loss_function(logits, labels, vocab_size=logits.shape[-1],
+                                    num_items_in_batch=kwargs.get("num_items_in_batch"))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    @torch.no_grad()
+    def lm_generate(
+        self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any,
+    ) -> torch.Tensor:
+        """Greedy decoding with the LM's KV cache from a left-padded prompt -> new tokens [batch, new];
+        each step's logits are mixed as in `lm_forward` (generated tokens see their sample's last image)."""
+        if do_sample or kwargs.get("num_beams", 1) != 1:
+            raise NotImplementedError("model.fusion='late' generates greedily only (do_sample=False, num_beams=1).")
+        vision = self._image_of_position(image_features, image_mask)
+        eos = lm.generation_config.eos_token_id
+        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
+        pad = lm.generation_config.pad_token_id
+        pad = pad if pad is not None else int(eos[0]) if len(eos) else 0
+        batch = inputs_embeds.shape[0]
+        mask = attention_mask.long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        step_inputs: dict[str, Any] = {"inputs_embeds": inputs_embeds}
+        past, new_tokens = None, []
+        finished = torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
+        for _ in range(max_new_tokens):
+            out = lm(
+                **step_inputs, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True,
+                output_hidden_states=vision is not None,
+            )
+            past, logits = out.past_key_values, out.logits[:, -1:]
+            if vision is not None:
+                # The prompt's last position already sees its sample's last image, as do all new tokens.
+                logits = self.mix(logits, out.hidden_states[-1][:, -1:], vision[0][:, -1:], vision[1][:, -1:])
+            token = torch.where(finished, pad, logits[:, 0].argmax(-1))
+            new_tokens.append(token)
+            finished |= torch.isin(token, eos.to(token.device))
+            if bool(finished.all()):
+                break
+            step_inputs = {"input_ids": token.unsqueeze(1)}
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+        return torch.stack(new_tokens, dim=1)
