@@ -69,8 +69,21 @@ def _export(args: argparse.Namespace) -> int:
     from .hub.export import ExportError, export_llava_hf
     from .model import VLM
 
+    if args.merge_lora:
+        from .train.lora import load_adapter_folder, merge_lora
+
+        model = merge_lora(load_adapter_folder(args.model))
+        if args.format is None:
+            model.save_pretrained(args.out)
+            print(f"Wrote a VLM folder with the LoRA adapters merged into the LM to {args.out}")
+            return 0
+    elif args.format is None:
+        print("Nothing to do: pass --format llava-hf and/or --merge-lora.", file=sys.stderr)
+        return 2
+    else:
+        model = VLM.from_pretrained(args.model)
     try:
-        out = export_llava_hf(VLM.from_pretrained(args.model), args.out)
+        out = export_llava_hf(model, args.out)
     except ExportError as err:
         print(f"Cannot export: {err}", file=sys.stderr)
         return 2
@@ -119,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
 
     export = commands.add_parser("export", help="export to a transformers-native format")
-    export.add_argument("--model", required=True, help="a saved VLM folder")
-    export.add_argument("--format", required=True, choices=["llava-hf"])
+    export.add_argument("--model", required=True, help="a saved VLM folder (a LoRA adapter folder with --merge-lora)")
+    export.add_argument("--format", choices=["llava-hf"], help="target format; without it, --merge-lora writes a VLM folder")
+    export.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter folder's adapters into the LM")
     export.add_argument("--out", required=True)
     export.set_defaults(run=_export)
 

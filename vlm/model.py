@@ -57,9 +57,9 @@ class VLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VLM":
-        """Build from pretrained backbones, or from a saved VLM when `model.pretrained` is set."""
-        if config.pretrained:
-            return cls.from_pretrained(config.pretrained)
+        """Build from pretrained backbones, or from a saved VLM when `model.init_from` (alias `pretrained`) is set."""
+        if config.init_from or config.pretrained:
+            return cls.from_pretrained(config.init_from or config.pretrained)
         if not config.vision or not config.lm:
             raise ValueError("Set model.vision and model.lm (or model.pretrained to continue from a saved VLM).")
         vision = load_vision_encoder(
@@ -73,8 +73,8 @@ class VLM(nn.Module):
     @staticmethod
     def build_processor(config: ModelConfig) -> VLMProcessor:
         """The processor `from_config` would give, without loading the LM's weights (for data checks)."""
-        if config.pretrained:
-            config, vision, tokenizer, lm_config = _saved_parts(Path(config.pretrained))
+        if config.init_from or config.pretrained:
+            config, vision, tokenizer, lm_config = _saved_parts(Path(config.init_from or config.pretrained))
         else:
             vision = load_vision_encoder(
                 config.vision, config.vision_feature_layer, config.vision_drop_prefix_tokens, config.trust_remote_code
@@ -162,6 +162,8 @@ class VLM(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A self-contained folder that loads offline; written to a temporary folder, then renamed in."""
+        if hasattr(self.lm, "peft_config"):
+            raise ValueError("The LM carries LoRA adapters; save with vlm.train.lora.save_final (merges or keeps them).")
         with atomic_directory(directory) as tmp:
             self.vision.save_backbone_config(tmp / "vision")
             self.lm.config.save_pretrained(tmp / "lm")
@@ -202,7 +204,7 @@ def _saved_parts(directory: Path) -> tuple[ModelConfig, VisionEncoder, PreTraine
         raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
     meta = json.loads((directory / "config.json").read_text())
     config = from_dict(ModelConfig, meta["model"], "model.")
-    config.pretrained = None
+    config.pretrained = config.init_from = None
     vision = load_saved_encoder(
         directory / "vision", meta["vision_library"], config.vision_feature_layer,
         config.vision_drop_prefix_tokens, config.trust_remote_code,

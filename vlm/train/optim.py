@@ -9,11 +9,15 @@ from ..model import VLM
 
 
 def build_optimizer(model: VLM, config: Config) -> torch.optim.Optimizer:
-    """AdamW with the fusion at `train.fusion_lr` and the LM at `train.lr`; no decay on biases and norms."""
-    fusion_lr = config.train.fusion_lr or config.train.lr
-    groups = []
-    for module, lr in ((model.fusion, fusion_lr), (model.lm, config.train.lr), (model.vision, config.train.lr)):
-        params = [p for p in module.parameters() if p.requires_grad]
+    """AdamW with one learning rate per component (`train.fusion_lr` / `lm_lr` / `vision_lr`, each
+    defaulting to `train.lr`); no decay on biases and norms. Only parameters that train are included
+    (with LoRA, the LM's are its adapters); a parameter shared by two components is counted once."""
+    train = config.train
+    groups, seen = [], set()
+    for module, lr in ((model.fusion, train.fusion_lr), (model.lm, train.lm_lr), (model.vision, train.vision_lr)):
+        lr = train.lr if lr is None else lr
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups += [

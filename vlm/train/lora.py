@@ -1,0 +1,164 @@
+"""LoRA / QLoRA on the LM through peft, and how a LoRA model is saved and loaded.
+
+Saving, decided once here:
+- `final/` with `export.merge_lora: true` (default): the adapters are merged into the LM's weights
+  and the folder is a plain VLM folder (`VLM.from_pretrained`, no peft needed).
+- `export.merge_lora: false`, and checkpoints during training: an adapter folder — peft's
+  `adapter_model.safetensors` + `adapter_config.json`, the trained non-LM weights (fusion, and the
+  vision tower when it trains) in `non_lm.safetensors`, and `vlm_adapter.json` naming the base
+  model. `load_adapter_folder` rebuilds the base and puts both back; `vlm export --merge-lora`
+  turns such a folder into a plain one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..atomic import atomic_directory
+from ..config import LoraConfig, ModelConfig, config_to_dict, from_dict
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_META = "vlm_adapter.json"
+NON_LM_WEIGHTS = "non_lm.safetensors"
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Every linear layer of the LM (names relative to `model.lm`) except its output head and
+    anything that belongs to the fusion (e.g. cross-attention blocks inserted between its layers)."""
+    fusion_modules = {id(m) for m in model.fusion.modules()}
+    head = model.lm.get_output_embeddings()
+    return [
+        name for name, module in model.lm.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and id(module) not in fusion_modules
+    ]
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig) -> None:
+    """Wrap `model.lm` in a peft model with LoRA adapters; its own weights are frozen.
+
+    `lora.target_modules`: names or name suffixes inside the LM (peft's matching); the vision
+    tower is never adapted (train it with `train.freeze.vision: false` instead).
+    """
+    if isinstance(model.lm, PeftModel):
+        raise ValueError("The LM already carries LoRA adapters; apply_lora must run once per model.")
+    targets = lora.target_modules or default_targets(model)
+    vision_named = [t for t in targets if t.startswith("vision.")]
+    if vision_named:
+        raise ValueError(
+            f"train.lora.target_modules names vision-tower modules {vision_named}; LoRA applies to the LM only. "
+            "Train the tower itself with train.freeze.vision=false (and train.vision_lr)."
+        )
+    if lora.quantize == "4bit":
+        quantize_lm_4bit(model, targets)
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none",
+    )
+    try:
+        model.lm = get_peft_model(model.lm, config)
+    except ValueError as err:
+        raise ValueError(f"train.lora.target_modules={lora.target_modules}: {err}") from None
+
+
+def quantize_lm_4bit(model: nn.Module, targets: list[str]) -> None:
+    """QLoRA: the LM's frozen linear layers in NF4 through bitsandbytes; needs a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "train.lora.quantize=4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit layers run on CUDA only, "
+            "and this machine has none. Set train.lora.quantize=null to train plain LoRA here."
+        )
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise RuntimeError(
+            "train.lora.quantize=4bit needs bitsandbytes: pip install 'vlm[qlora]' (or pip install bitsandbytes)."
+        ) from None
+    from peft import prepare_model_for_kbit_training
+
+    names = set(targets)
+    for name, module in list(model.lm.named_modules()):
+        if name not in names or not isinstance(module, nn.Linear):
+            continue
+        quantized = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None,
+            compute_dtype=torch.bfloat16, quant_type="nf4",
+        )
+        quantized.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        if module.bias is not None:
+            quantized.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.lm.get_submodule(parent) if parent else model.lm, child, quantized)
+    model.lm.cuda()  # bitsandbytes quantises the weights as they move to the GPU
+    model.lm = prepare_model_for_kbit_training(model.lm, use_gradient_checkpointing=False)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return isinstance(model.lm, PeftModel)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the LM's weights (in place) so the model is a plain VLM again."""
+    if has_lora(model):
+        model.lm = model.lm.merge_and_unload()
+    return model
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base: str | None = None) -> Path:
+    """Adapter-only folder: peft's adapter files, the trained non-LM weights and `vlm_adapter.json`.
+
+    base: the saved VLM folder training started from (`model.init_from`), if any; otherwise the
+    base is rebuilt from the backbones named in the model config.
+    """
+    if not has_lora(model):
+        raise ValueError("save_adapter needs a model with LoRA adapters (train.lora.enabled).")
+    with atomic_directory(directory) as tmp:
+        model.lm.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+        trained = {
+            name: tensor.detach().cpu().clone().contiguous()
+            for name, tensor in model.state_dict().items()
+            if name.startswith("fusion.") or (name.startswith("vision.") and not model.vision.frozen)
+        }
+        save_file(trained, str(tmp / NON_LM_WEIGHTS))
+        meta = {"base": base, "model": config_to_dict(model.config)}
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+    return Path(directory)
+
+
+def load_adapter_folder(directory: str | Path, is_trainable: bool = False) -> nn.Module:
+    """Rebuild the base VLM, attach the saved adapters and restore the non-LM weights."""
+    from ..model import VLM
+
+    directory = Path(directory)
+    if not (directory / ADAPTER_META).is_file():
+        raise FileNotFoundError(f"'{directory}' is not a LoRA adapter folder (no {ADAPTER_META}).")
+    meta = json.loads((directory / ADAPTER_META).read_text())
+    if meta["base"]:
+        model = VLM.from_pretrained(meta["base"])
+    else:
+        config = from_dict(ModelConfig, meta["model"], "model.")
+        config.pretrained = config.init_from = None
+        model = VLM.from_config(config)
+    model.lm = PeftModel.from_pretrained(model.lm, str(directory), is_trainable=is_trainable)
+    non_lm = load_file(str(directory / NON_LM_WEIGHTS))
+    result = model.load_state_dict(non_lm, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"'{directory}/{NON_LM_WEIGHTS}' holds weights this model lacks: {result.unexpected_keys[:5]}")
+    logger.info("Loaded LoRA adapters and %d non-LM tensors from %s", len(non_lm), directory)
+    return model
+
+
+def save_final(model: nn.Module, directory: str | Path, merge: bool = True, base: str | None = None) -> Path:
+    """What the loop writes to `final/`: a plain VLM folder, merging LoRA first when `merge`
+    (`export.merge_lora`), or an adapter folder when LoRA is kept separate."""
+    if has_lora(model) and not merge:
+        return save_adapter(model, directory, base)
+    merge_lora(model).save_pretrained(directory)
+    return Path(directory)
