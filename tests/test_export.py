@@ -56,3 +56,30 @@ def test_non_llava_shapes_are_refused_with_the_reason(backbones, tmp_path, capsy
     model.save_pretrained(tmp_path / "timm")
     assert main(["export", "--model", str(tmp_path / "timm"), "--format", "llava-hf", "--out", str(tmp_path / "x")]) == 2
     assert "needs a transformers vision tower" in capsys.readouterr().err
+
+
+def test_tiny_siglip_tower_exports_to_llava_with_equal_logits(backbones, tmp_path):
+    """The embedded SigLIP tower (no CLS token: Llava's `full` strategy) takes the same export path as hub ones."""
+    torch.manual_seed(0)
+    model = VLM.from_config(ModelConfig(vision=str(backbones["siglip"]), lm=str(backbones["lm"]))).eval()
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "ours")
+    assert main(["export", "--model", str(tmp_path / "ours"), "--format", "llava-hf", "--out", str(tmp_path / "llava")]) == 0
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    processor = LlavaProcessor.from_pretrained(tmp_path / "llava")
+    assert llava.config.vision_config.model_type == "siglip_vision_model"
+    assert llava.config.vision_feature_select_strategy == "full" and llava.config.image_seq_length == 64
+
+    image = Image.new("RGB", (64, 64), (30, 60, 200))
+    image.save(tmp_path / "im.png")
+    sample = Sample("s", [{"role": "user", "content": "<image>\nWhat shape is it?"}], [str(tmp_path / "im.png")])
+    batch = Collator(model.tokenizer.pad_token_id, "left")([model.processor(sample, for_generation=True)])
+    prompt = processor.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
+    theirs = processor(images=image, text=prompt, return_tensors="pt")
+    assert theirs["input_ids"].tolist() == batch["input_ids"].tolist()
+    with torch.no_grad():
+        expected = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        got = llava(**theirs).logits
+    assert (got - expected).abs().max().item() <= 1e-4

@@ -122,3 +122,31 @@ def test_lm_pretraining_learns_the_corpus(backbones) -> None:
     assert lm["final_loss"] < lm["first_loss"]
     assert lm["heldout_loss"] < 0.7 * lm["log_vocab"] < lm["heldout_loss_before"]
     assert math.isclose(lm["log_vocab"], math.log(lm["vocab_size"]))
+
+
+def test_siglip_tower_loads_through_load_vision_encoder_with_its_weights(backbones) -> None:
+    from transformers import SiglipVisionModel
+
+    from vlm.encoders import load_vision_encoder
+    from vlm.tiny_siglip import SIGLIP_CONFIG
+
+    paths, report = backbones
+    encoder = load_vision_encoder(str(paths["siglip"]))  # a local transformers folder, loaded as hub ids are
+    assert encoder.library == "transformers" and encoder.model.config.model_type == "siglip_vision_model"
+    side = IMAGE_SIZE // SIGLIP_CONFIG["patch_size"]
+    assert encoder.num_patches == side * side and encoder.hidden_size == SIGLIP_CONFIG["hidden_size"]
+
+    # Its image processor normalises with the statistics it was pre-trained with, with no resize at 64 px.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+    pixels = encoder.image_transform()(image)
+    mean = torch.tensor(report["siglip"]["mean"]).view(3, 1, 1)
+    std = torch.tensor(report["siglip"]["std"]).view(3, 1, 1)
+    expected = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - mean) / std
+    assert torch.allclose(pixels, expected, atol=1e-5)
+
+    reference = SiglipVisionModel.from_pretrained(paths["siglip"]).eval()
+    with torch.no_grad():
+        ours = encoder(pixels[None])
+        theirs = reference(pixel_values=pixels[None], output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(ours, theirs)
+    assert report["siglip"]["steps"] == 12 and report["siglip"]["final_loss"] < report["siglip"]["first_loss"]

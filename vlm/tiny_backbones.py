@@ -1,10 +1,11 @@
 """Tiny, locally pre-trained vision and language backbones: the embedded default.
 
 No weights can be downloaded, so the quickstart builds its own stand-ins for a hub ViT
-and a hub Llama. Each is briefly pre-trained on the synthetic shapes domain (so the
-frozen ViT's patch features already carry colour/shape/size/count/position, as a real
-pretrained tower's would) and saved in its library's own format, so the rest of the
-project loads them exactly as it loads hub models: `timm.create_model("local-dir:...")`
+(timm; plus a transformers SigLIP tower, `vlm/tiny_siglip.py`) and a hub Llama. Each is
+briefly pre-trained on the synthetic shapes domain (so the frozen ViT's patch features
+already carry colour/shape/size/count/position, as a real pretrained tower's would) and
+saved in its library's own format, so the rest of the project loads them exactly as it
+loads hub models: `timm.create_model("local-dir:...")`, `AutoModel` / `AutoImageProcessor`
 and `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(...)`.
 """
 
@@ -355,13 +356,25 @@ def pretrain_lm(
     }
 
 
-def make_tiny_backbones(out_dir: str | Path, vit_steps: int, lm_steps: int, seed: int = 0) -> dict[str, Path]:
-    """Write `out_dir/vit` (timm local-dir) and `out_dir/lm` (transformers), plus pretraining.json."""
+SIGLIP_DEFAULT_STEPS = 80
+"""Pre-training steps of the tiny SigLIP tower unless given (never more than `vit_steps`); keeps its build short."""
+
+
+def make_tiny_backbones(
+    out_dir: str | Path, vit_steps: int, lm_steps: int, seed: int = 0, siglip_steps: int | None = None
+) -> dict[str, Path]:
+    """Write `out_dir/vit` (timm local-dir), `out_dir/siglip` (transformers SigLIP vision tower) and
+    `out_dir/lm` (transformers), plus pretraining.json."""
+    from .tiny_siglip import pretrain_siglip
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"vit": out_dir / "vit", "lm": out_dir / "lm"}
+    paths = {"vit": out_dir / "vit", "lm": out_dir / "lm", "siglip": out_dir / "siglip"}
+    if siglip_steps is None:
+        siglip_steps = min(vit_steps, SIGLIP_DEFAULT_STEPS)
     report: dict[str, dict] = {}
-    for name, fn, steps in (("vit", pretrain_vit, vit_steps), ("lm", pretrain_lm, lm_steps)):
+    builders = (("vit", pretrain_vit, vit_steps), ("lm", pretrain_lm, lm_steps), ("siglip", pretrain_siglip, siglip_steps))
+    for name, fn, steps in builders:
         t0 = time.perf_counter()
         report[name] = fn(paths[name], steps, seed)
         report[name]["seconds"] = round(time.perf_counter() - t0, 1)

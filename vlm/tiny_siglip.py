@@ -1,0 +1,107 @@
+"""A tiny transformers SigLIP vision tower, briefly pre-trained like the tiny timm ViT.
+
+It stands in for `hf:google/siglip-...` so that the transformers-tower path (`hf:` / local
+transformers folders, the llava-hf export) is exercised offline, with features that carry the
+synthetic scenes' attributes rather than random noise. Saved as `SiglipVisionModel` +
+`SiglipImageProcessor`, i.e. exactly what `AutoModel` / `AutoImageProcessor` load.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+from transformers.image_utils import PILImageResampling
+
+from .tiny_backbones import (
+    HEADS, IMAGE_SIZE, _head_mean, _lr_at, _scene_pool, _tail_mean, _vit_loss, vit_heldout_pool,
+)
+
+SIGLIP_CONFIG = dict(
+    image_size=IMAGE_SIZE, patch_size=8, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+    num_attention_heads=4,
+)
+
+
+class _SiglipPretrainer(torch.nn.Module):
+    """Scene heads on SigLIP's attention-pooled output, plus the per-patch probe on the penultimate
+    layer (the features the VLM reads), as in the timm ViT's pre-training."""
+
+    def __init__(self, tower: SiglipVisionModel) -> None:
+        super().__init__()
+        self.tower = tower
+        dim, n_classes = tower.config.hidden_size, sum(len(v) for v in HEADS.values())
+        self.head = torch.nn.Linear(dim, n_classes)
+        self.probe = torch.nn.Sequential(
+            torch.nn.LayerNorm(dim), torch.nn.Linear(dim, n_classes + tower.config.patch_size**2)
+        )
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels [batch, 3, H, W] -> head logits [batch, classes], patch outputs [batch, patches, classes + p*p]."""
+        out = self.tower(pixel_values=pixels, output_hidden_states=True)
+        return self.head(out.pooler_output), self.probe(out.hidden_states[-2])
+
+
+def pretrain_siglip(
+    out_dir: str | Path, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 2e-3
+) -> dict:
+    """Pre-train a tiny SigLIP vision tower on synthetic scenes; save model + image processor to `out_dir`."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(**SIGLIP_CONFIG)
+    tower = SiglipVisionModel(config)
+    grid = IMAGE_SIZE // config.patch_size
+    with torch.no_grad():  # 2-D sin-cos start, as for the timm ViT: position is learnt in few steps
+        embeddings = getattr(tower, "vision_model", tower).embeddings  # transformers 4 nests a vision_model
+        embeddings.position_embedding.weight.copy_(
+            build_sincos2d_pos_embed([grid, grid], config.hidden_size)
+        )
+    model = _SiglipPretrainer(tower)
+    train_x, train_y, train_mask = _scene_pool(min(max(steps, 1) * batch_size, 2048), random.Random(f"siglip:{seed}"))
+    test_x, test_y, test_mask = vit_heldout_pool(seed, n=256)
+    pixels = train_x.float().div(255).transpose(0, 1).reshape(3, -1)
+    mean = [round(v, 3) for v in pixels.mean(1).tolist()]
+    std = [round(v, 3) for v in pixels.std(1).tolist()]
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255 - mean_t) / std_t
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        idx = torch.randint(len(train_x), (batch_size,), generator=gen)
+        loss, _, _ = _vit_loss(model, prep(train_x[idx]), train_y[idx], train_mask[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+
+    model.eval()
+    with torch.no_grad():
+        _, head, probe = _vit_loss(model, prep(test_x), test_y, test_mask)
+    accuracy = {
+        kind: {k: round(c / max(n, 1), 4) for k, (c, n) in stats.items()}
+        for kind, stats in (("head", head), ("patch_probe", probe))
+    }
+    tower.save_pretrained(out_dir, safe_serialization=True)
+    SiglipImageProcessor(
+        do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=PILImageResampling.BICUBIC,
+        do_rescale=True, do_normalize=True, image_mean=mean, image_std=std,
+    ).save_pretrained(out_dir)
+    return {
+        "steps": steps,
+        "first_loss": _head_mean(losses),
+        "final_loss": _tail_mean(losses),
+        "heldout_accuracy": accuracy,
+        "mean": mean,
+        "std": std,
+    }
