@@ -168,3 +168,12 @@ def test_multi_image_multi_turn_and_text_only(tmp_path):
     assert [len(s.images) for s in samples] == [2, 0] and len(samples[0].messages) == 4
     for s in samples:
         check_sample(s, IMAGE_TAG)
+
+
+def test_dataset_cells_survive_pickling_for_dataloader_workers(every_format):
+    import pickle
+
+    samples, _ = read_samples(every_format["parquet_bytes"])
+    copy = pickle.loads(pickle.dumps(samples))
+    assert [np.asarray(im).tolist() for s in copy for im in load_images(s)] == \
+        [np.asarray(im).tolist() for s in samples for im in load_images(s)]
