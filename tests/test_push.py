@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from vlm.cli import main
-from vlm.config import Config, config_to_dict
+from vlm.config import Config, DataFile, config_to_dict
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
 from vlm.hub.model_card import write_model_card
@@ -149,7 +149,7 @@ def saved(backbones, tmp_path_factory):
     torch.manual_seed(0)
     config = Config()
     config.model.vision, config.model.lm = str(backbones["vit"]), str(backbones["lm"])
-    config.data.train_files = ["hf:acme/shapes-vqa", "/data/my_shapes/train.json"]
+    config.data.train_files = ["hf:acme/shapes-vqa", "/data/my_shapes/train.json", DataFile("/data/charts", 2.0)]
     model = VLM.from_config(config.model).eval()
     with torch.no_grad():
         for p in model.fusion.parameters():
@@ -194,7 +194,7 @@ def test_pushed_folder_is_complete_loads_with_equal_logits_and_never_carries_the
     assert card.data.base_model == ["vit", "lm"]  # local backbones: their folders' names
     assert card.data.pipeline_tag == "image-text-to-text" and card.data.library_name == "vlm"
     assert {"vision-language", "image-text-to-text", "fusion-projector", "projector-mlp2x_gelu"} <= set(card.data.tags)
-    assert card.data.datasets == ["acme/shapes-vqa", "my_shapes"]
+    assert card.data.datasets == ["acme/shapes-vqa", "my_shapes", "charts"]
     assert "| eval_loss | 0.4321 |" in card.text and "| vqa.accuracy | 0.875 |" in card.text
     assert "```yaml\nmodel:\n" in card.text and "train_files:" in card.text
     assert "--format llava-hf" not in card.text  # timm tower: not LLaVA-shaped

@@ -226,11 +226,12 @@ def base_model_name(spec: str, saved: Optional[Path] = None) -> Optional[str]:
 
 
 def dataset_names(train_config: Optional[dict[str, Any]]) -> list[str]:
-    """Hub ids (`hf:org/name` or bare ids) as they are; local files by a short, readable name."""
+    """`data.train_files` as card `datasets`: hub ids (`hf:org/name` or bare ids) as they are, local files
+    and dataset folders by a short readable name (the folder's name for generic ones like train.json)."""
     files = ((train_config or {}).get("data") or {}).get("train_files") or []
     names: list[str] = []
     for item in files:
-        item = str(item)
+        item = str(item.get("path", "") if isinstance(item, dict) else item)  # `{path, weight}` mixture entries
         if item.startswith("hf:"):
             name = item[len("hf:") :]
         elif not _is_local(item) and _is_repo_id(item) and not Path(item).suffix:
