@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from transformers import (
 from .atomic import atomic_directory
 from .config import ModelConfig, config_to_dict, from_dict
 from .data.collator import Collator
-from .data.processor import VLMProcessor
+from .data.processor import IGNORE_INDEX, VLMProcessor
 from .data.sample import Sample
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
 from .fusion import Fusion, build_fusion
@@ -54,6 +55,10 @@ class VLM(nn.Module):
             tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image
         )
         self.image_token_id = self.processor.image_token_id
+        # The LM can compute logits at chosen positions only (transformers' `logits_to_keep`).
+        self._logits_at_labels = (
+            fusion.passes_lm_logits and "logits_to_keep" in inspect.signature(lm.forward).parameters
+        )
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VLM":
@@ -124,15 +129,34 @@ class VLM(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, **kwargs: Any,
+        labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, full_logits: bool = False,
+        **kwargs: Any,
     ) -> Any:
-        """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W]."""
+        """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W].
+
+        With labels, the LM's output head runs only where the loss reads it (positions followed by a
+        supervised token; prompts and image slots are most of a sequence) when the fusion hands the LM's
+        output through (`Fusion.passes_lm_logits`): `logits` is then [num_supervised, vocab] and the loss
+        is the same. `full_logits=True` keeps [batch, seq, vocab].
+        """
         image_mask = input_ids == self.image_token_id
         embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask)
-        return self.fusion.lm_forward(
+        if labels is None or full_logits or not self._logits_at_labels or "logits_to_keep" in kwargs:
+            return self.fusion.lm_forward(
+                self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
+                image_mask=image_mask, labels=labels, **kwargs,
+            )
+        keep = torch.zeros_like(labels, dtype=torch.bool)  # position t predicts token t + 1
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        out = self.fusion.lm_forward(
             self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-            image_mask=image_mask, labels=labels, **kwargs,
+            image_mask=image_mask, logits_to_keep=keep, **kwargs,
         )
+        out.loss = self.lm.loss_function(
+            out.logits, None, vocab_size=out.logits.shape[-1], shift_labels=labels[:, 1:][keep[:, :-1]],
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+        )
+        return out
 
     @torch.no_grad()
     def generate_from_batch(self, batch: dict[str, Any], max_new_tokens: int = 64, **kwargs: Any) -> list[str]:

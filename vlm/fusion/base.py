@@ -29,6 +29,9 @@ class Fusion(nn.Module, ABC):
 
     reads_encoder_features: bool = True
     """False for strategies whose `encode` never runs the vision tower (so a feature cache is meaningless)."""
+    passes_lm_logits: bool = False
+    """True when `lm_forward` returns the LM's own output and hands extra keywords to the LM, so the VLM
+    may ask for logits only where the loss reads them (transformers' `logits_to_keep`)."""
 
     def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
         super().__init__()

@@ -1,0 +1,58 @@
+"""Training strategies by name: `single`, `ddp`, `fsdp2`, `zero2`, `zero3` (see `train.strategy`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ...config import Config
+from ..distributed import DistEnv
+from .base import Strategy
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3")
+
+
+def resolve_strategy(config: Config, env: DistEnv) -> str:
+    """`train.strategy`, or with `auto` what the accelerate launcher's config file asked for."""
+    name = config.train.strategy
+    if name != "auto":
+        return name
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp2"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if ds_file and os.path.isfile(ds_file):
+            stage = json.loads(open(ds_file).read()).get("zero_optimization", {}).get("stage", stage)
+            config.train.deepspeed_config = config.train.deepspeed_config or ds_file
+        return "zero3" if str(stage) == "3" else "zero2"
+    return "ddp" if env.distributed else "single"
+
+
+def build_strategy(config: Config, env: DistEnv) -> Strategy:
+    name = resolve_strategy(config, env)
+    if config.train.mixed_precision == "fp16":
+        raise ValueError("train.mixed_precision=fp16 is not supported; use bf16 (or no).")
+    if name in ("single", "ddp"):
+        from .ddp import DDPStrategy
+
+        strategy: Strategy = DDPStrategy(config, env)
+    elif name == "fsdp2":
+        from .fsdp2 import FSDP2Strategy
+
+        strategy = FSDP2Strategy(config, env)
+    elif name in ("zero2", "zero3"):
+        from .deepspeed import DeepSpeedStrategy
+
+        strategy = DeepSpeedStrategy(config, env, stage=int(name[-1]))
+    else:  # pragma: no cover - the config's Literal type rejects other names
+        raise ValueError(f"train.strategy='{name}' is unknown; choose one of {STRATEGIES} or auto.")
+    strategy.name = name
+    logger.info("Strategy %s on %d process(es), device %s.", name, env.world_size, env.device)
+    return strategy
+
+
+__all__ = ["Strategy", "STRATEGIES", "build_strategy", "resolve_strategy"]
