@@ -288,3 +288,29 @@ def test_cli_push_uses_hf_endpoint_hf_token_branch_and_writes_a_missing_card(hub
 
     assert main(["push", "--model", str(tmp_path / "missing"), "--repo-id", "acme/cli-vlm"]) == 2
     assert "is not a saved VLM folder" in capsys.readouterr().err
+
+
+def test_training_publisher_pushes_every_save_then_final_with_card(hub, saved, tmp_path, monkeypatch):
+    from vlm.config import load_config
+    from vlm.hub.publish import TrainingPublisher
+
+    model, _ = saved
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    config = load_config(None, [f"output_dir={tmp_path}", "hub.push=true", f"hub.repo_id={REPO}",
+                                "hub.strategy=every_save", f"hub.endpoint={hub.url}"])
+    publisher = TrainingPublisher(config)
+    publisher.on_save(model, 5)
+    publisher.on_save(model, 10)
+    model.save_pretrained(tmp_path / "final")
+    urls = publisher.on_end(tmp_path / "final", {"eval_loss": 0.25, "history": [1.0, 0.5]})
+    assert len(urls) == 3
+    assert [c["summary"] for c in hub.commits] == [
+        "Training in progress, step 5", "Training in progress, step 10", "Final model"]
+    card = hub.files()["README.md"].decode()
+    assert "| eval_loss | 0.25 |" in card and "history" not in card.split("## Training configuration")[0]
+    assert f"repo_id: {REPO}" in card and 'snapshot_download("acme/tiny-vlm")' in card
+
+    quiet = TrainingPublisher(load_config(None, [f"output_dir={tmp_path}"]))
+    quiet.on_save(model, 15)
+    assert quiet.on_end(tmp_path / "final", None) == [] and len(hub.commits) == 3
+    assert (tmp_path / "final" / "README.md").is_file()

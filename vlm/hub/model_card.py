@@ -58,7 +58,7 @@ This model is LLaVA-shaped, so it can also be exported to transformers' own
 {% endif %}
 ## Evaluation
 {% if metrics %}
-Final evaluation at the end of training:
+Measured on this checkpoint:
 
 | metric | value |
 |---|---|
@@ -279,6 +279,8 @@ def _metric_rows(metrics: Optional[dict[str, Any]], prefix: str = "") -> list[tu
     for key, value in (metrics or {}).items():
         if isinstance(value, dict):
             rows.extend(_metric_rows(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            continue  # per-step histories belong in the run folder, not in a table
         elif isinstance(value, float):
             rows.append((f"{prefix}{key}", f"{value:.4g}"))
         else:
