@@ -119,9 +119,14 @@ class VLM(nn.Module):
         if self.fusion.tokens_per_image:
             image_embeds = self.fusion.embed_images(features).to(embeds.dtype)
             mask = image_mask if image_mask is not None else input_ids == self.image_token_id
-            if int(mask.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
+            slots = int(mask.sum())
+            if slots == 0 and image_embeds.shape[0] == 1:
+                # A placeholder image in a text-only training batch (see Fusion.lm_forward): the fusion
+                # runs, so every rank joins the same collectives, and contributes exactly nothing.
+                return embeds + image_embeds.sum() * 0, features
+            if slots != image_embeds.shape[0] * image_embeds.shape[1]:
                 raise ValueError(
-                    f"The batch has {int(mask.sum())} image-token positions but {image_embeds.shape[0]} image(s) "
+                    f"The batch has {slots} image-token positions but {image_embeds.shape[0]} image(s) "
                     f"x {image_embeds.shape[1]} tokens; the text and the images do not match."
                 )
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))

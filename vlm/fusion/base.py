@@ -69,6 +69,10 @@ class Fusion(nn.Module, ABC):
 
         image_mask [batch, seq]: True at image-token positions (with tokens_per_image == 0, one marker
         per image), for strategies that need to know where each image sits in the text.
+
+        One image with no marker at all is a placeholder the trainer adds to a text-only batch: run
+        every trainable parameter as usual but contribute exactly zero, so that in distributed training
+        every rank runs the same modules (matching collectives, no unused parameters).
         """
         return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 

@@ -195,6 +195,8 @@ class CrossAttentionFusion(Fusion):
         if not len(self.blocks):
             raise RuntimeError("Call `fusion.attach(lm)` once before running the cross_attention fusion.")
         counts = image_mask.sum(1)  # [batch]
+        if int(counts.sum()) == 0 and image_features.shape[0] == 1:
+            return self._placeholder_state(image_features, image_mask)
         if int(counts.sum()) != image_features.shape[0]:
             raise ValueError(
                 f"The batch has {int(counts.sum())} image marker(s) but {image_features.shape[0]} image(s); "
@@ -210,6 +212,17 @@ class CrossAttentionFusion(Fusion):
         token_slot = image_mask.long().cumsum(1) - 1
         return VisualState(
             self.blocks, per_sample.reshape(-1, max_images * tokens, dim), tokens, token_slot, counts - 1, precompute
+        )
+
+    def _placeholder_state(self, image_features: torch.Tensor, image_mask: torch.Tensor) -> VisualState:
+        """A text-only training batch's placeholder image: every block runs (so all ranks join the same
+        collectives and every parameter gets a gradient) but no text position sees it (slot -1)."""
+        batch = image_mask.shape[0]
+        visual = self.embed_images(image_features)  # [1, tokens, dim]
+        tokens = visual.shape[1]
+        no_slot = torch.full_like(image_mask, -1, dtype=torch.long)
+        return VisualState(
+            self.blocks, visual.expand(batch, -1, -1).contiguous(), tokens, no_slot, no_slot[:, 0], precompute=False
         )
 
     def _with_marker_embedding(self, embeds: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
