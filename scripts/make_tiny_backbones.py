@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="writes OUT/vit (timm), OUT/siglip and OUT/lm (transformers)")
     parser.add_argument("--vit-steps", type=int, default=800)
     parser.add_argument("--lm-steps", type=int, default=250)
-    parser.add_argument("--siglip-steps", type=int, default=None, help="default: min(vit steps, 80)")
+    parser.add_argument("--siglip-steps", type=int, default=None, help="default: min(vit steps, 40)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

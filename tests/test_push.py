@@ -288,6 +288,8 @@ def test_cli_push_uses_hf_endpoint_hf_token_branch_and_writes_a_missing_card(hub
 
     assert main(["push", "--model", str(tmp_path / "missing"), "--repo-id", "acme/cli-vlm"]) == 2
     assert "is not a saved VLM folder" in capsys.readouterr().err
+    assert main(["push", "--model", str(folder), "--repo-id", "acme//bad"]) == 2
+    assert "--repo-id / hub.repo_id" in capsys.readouterr().err and len(hub.commits) == 1
 
 
 def test_training_publisher_pushes_every_save_then_final_with_card(hub, saved, tmp_path, monkeypatch):

@@ -356,7 +356,7 @@ def pretrain_lm(
     }
 
 
-SIGLIP_DEFAULT_STEPS = 80
+SIGLIP_DEFAULT_STEPS = 40
 """Pre-training steps of the tiny SigLIP tower unless given (never more than `vit_steps`); keeps its build short."""
 
 

@@ -148,6 +148,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a card is for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -189,7 +190,10 @@ def point_card_at_repo(folder: str | Path, repo_id: str) -> bool:
     Only the title, `model_name` and the snippets change; returns whether anything did.
     """
     path = Path(folder) / CARD_NAME
-    card = ModelCard.load(path)
+    try:
+        card = ModelCard.load(path)
+    except Exception:  # a card someone wrote by hand that huggingface_hub cannot parse: leave it alone
+        return False
     if LOCAL_PLACEHOLDER not in card.text:
         return False
     old_name, new_name = card.data.model_name, repo_id.split("/")[-1]

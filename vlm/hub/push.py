@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .model_card import CARD_NAME, point_card_at_repo, write_model_card
 
@@ -49,6 +50,10 @@ def push_folder(
     `endpoint` defaults to `HF_ENDPOINT`, then the public hub; `token` to what huggingface_hub finds.
     """
     folder = Path(folder)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise PushError(f"Repository id {repo_id!r} (--repo-id / hub.repo_id) is not valid: {err}") from None
     if not (folder / WEIGHTS_NAME).is_file() or not (folder / "config.json").is_file():
         raise PushError(
             f"'{folder}' is not a saved VLM folder (needs {WEIGHTS_NAME} and config.json); "
