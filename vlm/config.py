@@ -163,6 +163,25 @@ class TrainConfig:
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     image_dropout: float = 0.0
     """Drop each training image (and its `<image>` tag) with this probability, so the model learns to answer without it."""
+    strategy: Literal["auto", "single", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
+    """How training is spread over processes. `auto`: what `accelerate launch --config_file` asked for
+    (FSDP -> fsdp2, DeepSpeed -> zero2 / zero3 by its stage), else `ddp` with several processes, else `single`."""
+    deepspeed_config: Optional[str] = None
+    """`zero2` / `zero3`: a DeepSpeed JSON to start from (batch sizes, accumulation and precision are filled in)."""
+    offload_optimizer: bool = False
+    """`zero2` / `zero3`: keep optimizer state in CPU memory."""
+    offload_params: bool = False
+    """`zero3`: keep parameters in CPU memory between uses."""
+    shard_vision: bool = False
+    """`fsdp2`: shard the frozen vision tower too (large towers); by default it is replicated. (ZeRO-3 always partitions it.)"""
+    save_every: int = 0
+    """Write `output_dir/checkpoint-<step>/` every N optimizer steps (0: only when stopped early)."""
+    save_total_limit: Optional[int] = None
+    """Keep only the newest N checkpoints (the newest complete one is never deleted)."""
+    resume_from: Optional[str] = None
+    """`latest` (newest checkpoint in output_dir) or a checkpoint folder; continues exactly where it stopped."""
+    max_bad_steps: int = 10
+    """Abort after this many consecutive steps with a NaN / inf loss (each one skipped, not applied)."""
 
 
 @dataclass

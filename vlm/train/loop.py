@@ -1,4 +1,10 @@
-"""The training loop: accelerate for devices, precision, accumulation and trackers; transformers' scheduler."""
+"""The training loop: one code path for one process, DDP, FSDP2 and DeepSpeed ZeRO-2/3 (see `sharding/`).
+
+Per optimizer step: read `grad_accum` micro-batches, count the supervised tokens of the whole global
+batch, and make each rank's loss its token-loss sum over that global count, so the gradient (and the
+logged loss) equals a single process's on the same global batch whatever the world size, padding or
+accumulation. A non-finite loss skips the step; SIGTERM / Ctrl-C saves a checkpoint and returns.
+"""
 
 from __future__ import annotations
 
@@ -11,38 +17,45 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from ..config import Config, config_to_dict
 from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
+from ..data.sampler import LengthGroupedSampler, estimate_lengths
+from ..hub.publish import TrainingPublisher
 from ..model import VLM
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .freezing import apply_stage
+from .lora import save_final
 from .optim import build_optimizer
+from .sampler import ResumableSampler
+from .sharding import Strategy, build_strategy
+from .signals import StopRequest
+from .speed import apply_gradient_checkpointing, maybe_compile
+from .trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
 
-def mixed_precision(setting: str) -> str:
-    """`auto`: bf16 on devices that run it natively, fp32 elsewhere (CPU)."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+class TrainingAborted(RuntimeError):
+    """Too many consecutive bad (non-finite) steps; a checkpoint of the last good state was saved."""
 
 
 def make_loader(
-    dataset: ConversationDataset, processor_pad: int, batch_size: int, shuffle: bool, config: Config
+    dataset: ConversationDataset, processor_pad: int, batch_size: int, shuffle: bool, config: Config,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     generator = torch.Generator().manual_seed(config.train.seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=Collator(processor_pad, "right"),
-        num_workers=config.data.num_workers, generator=generator, pin_memory=torch.cuda.is_available(),
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
+        collate_fn=Collator(processor_pad, "right"), num_workers=config.data.num_workers, generator=generator,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -51,161 +64,299 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {key: batch[key] for key in keys if batch.get(key) is not None}
 
 
-def build_feature_cache(model: VLM, config: Config, accelerator: Accelerator) -> FeatureCache:
+def build_model(config: Config) -> VLM:
+    """The VLM with its trainable parts decided (stage, freezing); the same call at start and at export."""
+    model = VLM.from_config(config.model)
+    apply_stage(model, config.train)  # stage, train.freeze, and LoRA adapters when train.lora.enabled
+    return model
+
+
+def build_feature_cache(model: VLM, config: Config, env: DistEnv) -> FeatureCache:
     """Encode every training / eval image once (each rank a share), before the first step."""
     if not model.vision.frozen:
         raise ValueError("data.cache_features needs a frozen vision encoder; this stage trains it.")
-    vision = model.vision.to(accelerator.device)
+    vision = model.vision.to(env.device)
     cache = FeatureCache(
         config.data.cache_dir or Path(config.output_dir) / "feature_cache",
         encoder_fingerprint(vision), (vision.num_patches, vision.hidden_size),
     )
     samples = []
     for file in [*config.data.train_files, *config.data.eval_files]:
-        samples += read_samples(file, config.data.image_root)[0]
+        samples += read_samples(file, config.data.image_root, caption_prompt=config.data.caption_prompt,
+                                vqa_prompt=config.data.vqa_prompt)[0]
     started = time.perf_counter()
-    encoded = cache.fill(samples, model.processor, vision, config.train.batch_size,
-                         accelerator.process_index, accelerator.num_processes)
-    accelerator.wait_for_everyone()
+    encoded = cache.fill(samples, model.processor, vision, config.train.batch_size, env.rank, env.world_size)
+    barrier(env)
     logger.info("Feature cache %s: %d image(s) encoded in %.1fs.", cache.root, encoded, time.perf_counter() - started)
     return cache
 
 
+def supervised_tokens(batch: dict[str, Any]) -> int:
+    """Tokens the loss reads: labels are shifted by one inside the LM's loss."""
+    return int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else 0
+
+
+def with_placeholder(inputs: dict[str, Any], model: VLM, cached: bool) -> dict[str, Any]:
+    """A text-only batch gets one placeholder image with no marker (zero contribution, see
+    `Fusion.lm_forward`), so every rank runs the vision path and the fusion every step."""
+    if inputs.get("pixel_values") is not None or inputs.get("image_features") is not None:
+        return inputs
+    vision = model.vision
+    if cached:
+        return {**inputs, "image_features": torch.zeros(1, vision.num_patches, vision.hidden_size)}
+    return {**inputs, "pixel_values": torch.zeros(1, 3, *vision.image_size)}
+
+
+def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
 @torch.no_grad()
-def evaluate_loss(model: VLM, loader: DataLoader, accelerator: Accelerator) -> float:
-    """Mean loss per supervised token over the whole eval set."""
-    model.eval()
-    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+def evaluate_loss(strategy: Strategy, loader: DataLoader, config: Config, env: DistEnv) -> float:
+    """Mean loss per supervised token over the whole eval set (all ranks)."""
+    module, model = strategy.model, strategy.unwrapped()
+    module.eval()
+    total = torch.zeros(2, dtype=torch.float64)
     for batch in loader:
         if "input_ids" not in batch:
             continue
-        out = model(**model_inputs(batch))
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        total += out.loss.float() * tokens
-        count += tokens
-    model.train()
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    return float(total / count.clamp(min=1))
+        tokens = supervised_tokens(batch)
+        inputs = to_device(with_placeholder(model_inputs(batch), model, config.data.cache_features), env.device)
+        with strategy.autocast():
+            out = module(**inputs, num_items_in_batch=torch.tensor(max(tokens, 1), device=env.device))
+        total += torch.tensor([float(out.loss) * max(tokens, 1), tokens], dtype=torch.float64)
+    module.train()
+    total = all_reduce_sum(total, env)
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def train(config: Config) -> dict[str, Any]:
     """Train as configured; write `output_dir/final/` and return a summary of the run."""
-    output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(config.train.mixed_precision),
-        gradient_accumulation_steps=config.train.grad_accum,
-        log_with=None if config.train.report_to == "none" else config.train.report_to,
-        project_dir=str(output_dir),
-    )
-    set_seed(config.train.seed)
-    model = VLM.from_config(config.model)
-    apply_stage(model, config.train.stage)
-    if config.train.gradient_checkpointing:
-        model.lm.activation_checkpointing_enable({"use_reentrant": False})
-    model.processor.max_length = config.data.max_length
+    env = init_distributed()
+    try:
+        return _train(config, env)
+    finally:
+        teardown(env)
 
-    cache = build_feature_cache(model, config, accelerator) if config.data.cache_features else None
+
+def _train(config: Config, env: DistEnv) -> dict[str, Any]:
+    output_dir = Path(config.output_dir)
+    set_seed(config.train.seed)
+    strategy = build_strategy(config, env)
+    model = build_model(config)
+    if config.train.gradient_checkpointing:
+        apply_gradient_checkpointing(model, config.train.gradient_checkpointing_components)
+    maybe_compile(model, config.train.compile)
+    model.processor.max_length = config.data.max_length
+    model.processor.truncate_text = config.data.truncate_text
+
+    cache = build_feature_cache(model, config, env) if config.data.cache_features else None
     train_set = ConversationDataset.from_files(
-        config.data.train_files, model.processor, config.data.image_root, config.data.strict, feature_cache=cache
+        config.data.train_files, model.processor, config.data.image_root, config.data.strict,
+        feature_cache=cache, image_dropout=config.train.image_dropout, seed=config.train.seed, data=config.data,
     )
     if len(train_set) == 0:
         raise ValueError(f"No usable training samples in {config.data.train_files} ({dict(train_set.problems)}).")
     pad = model.tokenizer.pad_token_id
-    train_loader = make_loader(train_set, pad, config.train.batch_size, True, config)
+    if config.data.group_by_length:
+        lengths = estimate_lengths(train_set.samples, model.processor)
+        sampler = LengthGroupedSampler(lengths, config.train.batch_size, env.world_size, env.rank,
+                                       seed=config.train.seed)
+    else:
+        sampler = ResumableSampler(train_set, env.world_size, env.rank, shuffle=True, seed=config.train.seed)
+    train_loader = make_loader(train_set, pad, config.train.batch_size, False, config, sampler)
     eval_loader = None
     if config.data.eval_files:
         eval_set = ConversationDataset.from_files(
-            config.data.eval_files, model.processor, config.data.image_root, feature_cache=cache
+            config.data.eval_files, model.processor, config.data.image_root, feature_cache=cache, data=config.data,
         )
-        eval_loader = make_loader(eval_set, pad, config.train.eval_batch_size or config.train.batch_size, False, config)
+        eval_sampler = ResumableSampler(eval_set, env.world_size, env.rank, shuffle=False, seed=0)
+        eval_loader = make_loader(eval_set, pad, config.train.eval_batch_size or config.train.batch_size, False,
+                                  config, eval_sampler)
 
-    optimizer = build_optimizer(model, config)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.train.warmup_steps, config.train.max_steps)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    if accelerator.is_main_process:
+    module = strategy.setup(model, lambda m: build_optimizer(m, config))
+    scheduler = get_cosine_schedule_with_warmup(strategy.optimizer, config.train.warmup_steps, config.train.max_steps)
+    state: dict[str, Any] = {
+        "step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "bad_steps": [], "skipped": dict(train_set.problems),
+    }
+    resume = resolve_resume(config.train.resume_from, output_dir)
+    if resume is not None:
+        state = load_checkpoint(strategy, resume, env)
+        scheduler.load_state_dict(state.pop("scheduler"))
+        logger.info("Resumed from %s at step %d.", resume, state["step"])
+    if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    accelerator.init_trackers("vlm", config=_flat(config_to_dict(config)))
+    trackers = Trackers(config, output_dir, enabled=env.is_main)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    skipped = dict(train_set.problems)
-    history: list[dict[str, float]] = []
-    step, tokens, window_loss, window_n = 0, 0, 0.0, 0
-    started = time.perf_counter()
-    progress = tqdm(total=config.train.max_steps, disable=not accelerator.is_main_process, desc="train")
-    model.train()
-    while step < config.train.max_steps:
-        for batch in train_loader:
-            for item in batch["skipped"]:
-                skipped[item["category"]] = skipped.get(item["category"], 0) + 1
-                logger.warning("Skipping sample '%s': %s", item["skipped"], item["detail"])
-            if "input_ids" not in batch:
-                continue
-            with accelerator.accumulate(model):
-                out = model(**model_inputs(batch))
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and config.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
-            window_loss += float(out.loss.detach())
-            window_n += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            loss = window_loss / window_n
-            window_loss, window_n = 0.0, 0
-            lr = scheduler.get_last_lr()[0]
-            rate = tokens * accelerator.num_processes / (time.perf_counter() - started)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
-            history.append({"step": step, "loss": loss, "lr": lr})
-            if step % config.train.log_every == 0 or step == 1:
-                accelerator.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": rate}, step=step)
-            if eval_loader is not None and config.train.eval_every and step % config.train.eval_every == 0:
-                eval_loss = evaluate_loss(model, eval_loader, accelerator)
-                accelerator.log({"eval/loss": eval_loss}, step=step)
-                progress.write(f"step {step}: eval loss {eval_loss:.4f}")
-            if step >= config.train.max_steps:
-                break
+    publisher = TrainingPublisher(config, output_dir) if env.is_main else None
+
+    def checkpoint() -> Path:
+        path = save_checkpoint(strategy, {**state, "scheduler": scheduler.state_dict()}, config, env, output_dir,
+                               config.train.save_total_limit)
+        if publisher is not None and strategy.replicated:  # hub.strategy=every_save (sharded runs push at the end)
+            publisher.on_save(strategy.unwrapped(), state["step"])
+        return path
+
+    per_step = config.train.grad_accum
+    consecutive_bad, stopped, started = 0, False, time.perf_counter()
+    tokens_seen, last_good = 0, []
+    progress = tqdm(total=config.train.max_steps, initial=state["step"], disable=not env.is_main, desc="train")
+    module.train()
+    with StopRequest() as stop:
+        while state["step"] < config.train.max_steps and not stopped:
+            sampler.set_position(state["epoch"], state["batches_in_epoch"] * config.train.batch_size)
+            train_set.set_epoch(state["epoch"])
+            batches, steps_this_epoch = iter(train_loader), 0
+            while state["step"] < config.train.max_steps and not stopped:
+                micro = [b for _, b in zip(range(per_step), batches)]
+                if len(micro) < per_step:  # end of the epoch: a partial step is dropped, like drop_last
+                    break
+                state["batches_in_epoch"] += per_step
+                steps_this_epoch += 1
+                result = _step(strategy, model, micro, config, env, state, stop, last_good)
+                tokens_seen += result["tokens"]
+                if result["bad"]:
+                    consecutive_bad += 1
+                    state["bad_steps"].append({"after_step": state["step"], "samples": result["ids"]})
+                    logger.warning("Non-finite loss after step %d (samples %s): step skipped, no update.",
+                                   state["step"], result["ids"])
+                    if consecutive_bad >= config.train.max_bad_steps:
+                        path = checkpoint()
+                        raise TrainingAborted(
+                            f"{consecutive_bad} consecutive steps had a NaN/inf loss (last samples: {result['ids']}). "
+                            f"The last good state is saved in '{path}'. Lower train.lr, check these samples with "
+                            "`vlm data check`, or raise train.max_bad_steps."
+                        )
+                    stopped = result["stop"]
+                    continue
+                consecutive_bad = 0
+                scheduler.step()
+                state["step"] += 1
+                _log_step(state, result, scheduler, trackers, progress, config, tokens_seen, started, env)
+                if eval_loader is not None and config.train.eval_every and state["step"] % config.train.eval_every == 0:
+                    eval_loss = evaluate_loss(strategy, eval_loader, config, env)
+                    trackers.log({"eval/loss": eval_loss}, state["step"])
+                    progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
+                stopped = result["stop"]
+                if not stopped and config.train.save_every and state["step"] % config.train.save_every == 0 \
+                        and state["step"] < config.train.max_steps:
+                    checkpoint()
+            if state["step"] < config.train.max_steps and not stopped:
+                if steps_this_epoch == 0 and state["batches_in_epoch"] == 0:
+                    raise ValueError(
+                        f"One optimizer step needs {per_step} batch(es) of {config.train.batch_size} per process, but "
+                        f"this process's share of the data has fewer; lower train.batch_size or train.grad_accum."
+                    )
+                state["epoch"] += 1
+                state["batches_in_epoch"] = 0
     progress.close()
+    if stopped:
+        path = checkpoint()
+        if env.is_main:
+            print(f"Stopped by a signal at step {state['step']}; resume with train.resume_from={path}", flush=True)
+        trackers.finish()
+        return {"steps": state["step"], "stopped": True, "checkpoint": str(path)}
+    return _finish(strategy, config, env, state, eval_loader, trackers, started, output_dir, publisher)
 
+
+def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: Config, env: DistEnv,
+          state: dict[str, Any], stop: StopRequest, last_good: list[dict[str, Any]]) -> dict[str, Any]:
+    """One optimizer step over `micro` (this rank's micro-batches). Collectives, in the same order on every
+    rank: the global token count, one finiteness check per micro-batch, the loss / stop totals."""
+    for batch in micro:
+        for item in batch["skipped"]:
+            state["skipped"][item["category"]] = state["skipped"].get(item["category"], 0) + 1
+            logger.warning("Skipping sample '%s': %s", item["skipped"], item["detail"])
+    local_tokens = [supervised_tokens(b) for b in micro]
+    counts = all_reduce_sum(torch.tensor([float(sum(local_tokens))], dtype=torch.float64), env)
+    global_tokens = torch.tensor(max(float(counts[0]), 1.0), device=env.device)
+    loss_sum, bad, ids = 0.0, False, []
+    for i, batch in enumerate(micro):
+        ids += list(batch.get("ids", []))
+        if "input_ids" in batch:
+            last_good[:] = [batch]
+        elif last_good:  # every sample of this micro-batch was unreadable: rerun a good one at weight 0
+            batch = _zero_weight(last_good[0])
+        else:
+            raise ValueError(f"The first batch on rank {env.rank} has no readable sample: {batch['skipped']}")
+        inputs = to_device(with_placeholder(model_inputs(batch), model, config.data.cache_features), env.device)
+        with strategy.micro_batch(last=i == len(micro) - 1):
+            with strategy.autocast():
+                out = strategy.model(**inputs, num_items_in_batch=global_tokens)
+            nonfinite = all_reduce_sum(torch.tensor([float(not torch.isfinite(out.loss.detach()))]), env)
+            bad = bad or float(nonfinite[0]) > 0
+            if not bad:
+                strategy.backward(out.loss)
+                loss_sum += float(out.loss.detach()) * float(global_tokens)
+            elif strategy.backward_every_micro_batch:
+                # DeepSpeed's accumulation boundary needs a backward: a finite, zero-weight one.
+                replay = to_device(with_placeholder(model_inputs(_zero_weight(last_good[0])), model,
+                                                    config.data.cache_features), env.device)
+                with strategy.autocast():
+                    strategy.backward(strategy.model(**replay, num_items_in_batch=global_tokens).loss)
+    totals = all_reduce_sum(torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64), env)
+    result = {"bad": bad, "ids": ids, "tokens": sum(local_tokens), "stop": float(totals[1]) > 0}
+    if bad:
+        strategy.skip_step()
+        return result
+    result["grad_norm"] = strategy.step(config.train.max_grad_norm)
+    result["loss"] = float(totals[0]) / float(global_tokens)
+    return result
+
+
+def _zero_weight(batch: dict[str, Any]) -> dict[str, Any]:
+    """The same inputs with no supervised token: the forward and backward run, the gradient is zero."""
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
+def _log_step(state: dict[str, Any], result: dict[str, Any], scheduler: Any, trackers: "Trackers",
+              progress: tqdm, config: Config, tokens_seen: int, started: float, env: DistEnv) -> None:
+    lr = scheduler.get_last_lr()[0]
+    rate = tokens_seen * env.world_size / max(time.perf_counter() - started, 1e-9)
+    progress.update(1)
+    progress.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+    state["history"].append({"step": state["step"], "loss": result["loss"], "lr": lr,
+                             "grad_norm": result["grad_norm"]})
+    if state["step"] % config.train.log_every == 0 or state["step"] == 1:
+        trackers.log({"train/loss": result["loss"], "train/lr": lr, "train/grad_norm": result["grad_norm"],
+                      "train/tokens_per_s": rate}, state["step"])
+
+
+def _finish(strategy: Strategy, config: Config, env: DistEnv, state: dict[str, Any], eval_loader: DataLoader | None,
+            trackers: "Trackers", started: float, output_dir: Path,
+            publisher: TrainingPublisher | None) -> dict[str, Any]:
+    """Final eval, then a full, unsharded `final/` folder written by rank 0."""
+    history = state["history"]
     summary: dict[str, Any] = {
-        "steps": step,
+        "steps": state["step"],
         "train_seconds": time.perf_counter() - started,
-        "first_loss": history[0]["loss"],
-        "final_loss": _tail_mean([h["loss"] for h in history]),
-        "skipped_samples": skipped,
+        "first_loss": history[0]["loss"] if history else float("nan"),
+        "final_loss": _tail_mean([h["loss"] for h in history]) if history else float("nan"),
+        "skipped_samples": state["skipped"],
+        "bad_steps": len(state["bad_steps"]),
+        "strategy": strategy.name,
+        "world_size": env.world_size,
     }
     if eval_loader is not None:
-        summary["eval_loss"] = evaluate_loss(model, eval_loader, accelerator)
-        accelerator.log({"eval/loss": summary["eval_loss"]}, step=step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir / "final")
-        (output_dir / "train_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+        summary["eval_loss"] = evaluate_loss(strategy, eval_loader, config, env)
+        trackers.log({"eval/loss": summary["eval_loss"]}, state["step"])
+    full = strategy.full_state_dict()  # collective for sharded strategies
+    if env.is_main:
+        model = strategy.unwrapped() if strategy.replicated else build_model(config)
+        if not strategy.replicated:
+            model.load_state_dict(full)
+        save_final(model, output_dir / "final", merge=config.export.merge_lora, base=config.model.init_from or config.model.pretrained)
+        details = {"history": history, "bad_step_samples": state["bad_steps"]}
+        (output_dir / "train_summary.json").write_text(json.dumps({**summary, **details}, indent=2))
         print(json.dumps(summary), flush=True)
-    accelerator.end_training()
-    return summary
+        metrics = {k: summary[k] for k in ("final_loss", "eval_loss") if k in summary}
+        publisher.on_end(output_dir / "final", metrics)  # model card; the hub push when hub.push is set
+    barrier(env)
+    trackers.finish()
+    return {**summary, "history": history}
 
 
 def _tail_mean(values: list[float], fraction: float = 0.1) -> float:
     tail = values[-max(1, math.ceil(len(values) * fraction)) :]
     return sum(tail) / len(tail)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Trackers such as TensorBoard's hparams take flat scalar values only."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[f"{prefix}{key}"] = value
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat

@@ -45,6 +45,8 @@ class DeepSpeedStrategy(Strategy):
             if self.stage != 3:
                 raise ValueError("train.offload_params needs train.strategy=zero3 (ZeRO-2 keeps parameters whole).")
             zero["offload_param"] = {"device": "cpu", "pin_memory": self.env.device.type == "cuda"}
+        if zero.get("offload_optimizer"):
+            ds["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps on CPU; no C++ op to build
         ds.update({
             "train_micro_batch_size_per_gpu": train.batch_size,
             "gradient_accumulation_steps": 1,  # we mark the boundary ourselves (see micro_batch)
