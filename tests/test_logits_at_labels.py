@@ -1,0 +1,23 @@
+"""With labels, logits are computed only where the loss reads them; loss and those logits are unchanged."""
+
+import torch
+
+from vlm.data.collator import Collator
+from vlm.data.formats import read_samples
+
+
+def test_supervised_positions_only_same_loss_and_logits(tiny_vlm, synthetic):
+    samples = read_samples(synthetic["train"])[0][:3]
+    batch = Collator(tiny_vlm.tokenizer.pad_token_id)([tiny_vlm.processor(s) for s in samples])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    tiny_vlm.eval()
+    with torch.no_grad():
+        trimmed = tiny_vlm(**inputs)
+        full = tiny_vlm(**inputs, full_logits=True)
+    supervised = inputs["labels"][:, 1:] != -100
+    assert trimmed.logits.shape == (int(supervised.sum()), full.logits.shape[-1])
+    torch.testing.assert_close(trimmed.logits, full.logits[:, :-1][supervised], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trimmed.loss, full.loss, atol=1e-6, rtol=1e-6)
+    no_labels = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        assert tiny_vlm(**no_labels).logits.shape == full.logits.shape  # generation / eval paths untouched
