@@ -316,3 +316,21 @@ def test_training_publisher_pushes_every_save_then_final_with_card(hub, saved, t
     quiet.on_save(model, 15)
     assert quiet.on_end(tmp_path / "final", None) == [] and len(hub.commits) == 3
     assert (tmp_path / "final" / "README.md").is_file()
+
+
+def test_lora_adapter_folder_gets_a_card_that_loads_adapters_and_is_pushed(hub, tmp_path):
+    """`export.merge_lora: false` leaves final/ as an adapter folder (vlm_adapter.json, no config.json)."""
+    from safetensors.torch import save_file
+
+    from vlm.config import ModelConfig
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    model_config = config_to_dict(ModelConfig(vision="hf:google/siglip-base-patch16-224", lm="Qwen/Qwen2-0.5B"))
+    (folder / "vlm_adapter.json").write_text(json.dumps({"base": None, "model": model_config}))
+    save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+    push_folder(folder, REPO, endpoint=hub.url, token=TOKEN)
+    card = ModelCard(hub.files()["README.md"].decode())
+    assert card.data.base_model == ["google/siglip-base-patch16-224", "Qwen/Qwen2-0.5B"]
+    assert "lora" in card.data.tags and f'load_adapter_folder(snapshot_download("{REPO}"))' in card.text
+    assert set(hub.files()) == {"README.md", "vlm_adapter.json", "adapter_model.safetensors"}

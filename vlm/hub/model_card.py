@@ -18,6 +18,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 CARD_NAME = "README.md"
+ADAPTER_META = "vlm_adapter.json"
+"""Marks an adapter-only folder (`vlm.train.lora.save_adapter`): LoRA weights over a base VLM."""
 LIBRARY_NAME = "vlm"
 PIPELINE_TAG = "image-text-to-text"
 LOCAL_PLACEHOLDER = "path/to/this/folder"
@@ -89,10 +91,13 @@ def build_model_card(
     the dataset names derived from `train_config["data"]["train_files"]`.
     """
     folder = Path(folder)
-    meta_path = folder / "config.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"'{folder}' is not a saved VLM folder (no config.json); save the model first.")
-    meta = json.loads(meta_path.read_text())
+    meta_path, adapter_path = folder / "config.json", folder / ADAPTER_META
+    adapter = not meta_path.is_file() and adapter_path.is_file()  # LoRA kept separate (export.merge_lora: false)
+    if not meta_path.is_file() and not adapter:
+        raise FileNotFoundError(
+            f"'{folder}' is not a saved VLM folder (no config.json or {ADAPTER_META}); save the model first."
+        )
+    meta = json.loads((adapter_path if adapter else meta_path).read_text())
     model = meta.get("model", {})
     vision_spec, lm_spec = model.get("vision", ""), model.get("lm", "")
     vision, lm = base_model_name(vision_spec, folder / "vision"), base_model_name(lm_spec, folder / "lm")
@@ -101,6 +106,8 @@ def build_model_card(
     tags = ["vision-language", PIPELINE_TAG, "vlm", f"fusion-{fusion}"]
     if fusion == "projector" and model.get("projector"):
         tags.append(f"projector-{model['projector']}")
+    if adapter:
+        tags.append("lora")
     data = ModelCardData(
         base_model=[name for name in (vision, lm) if name],
         datasets=datasets if datasets is not None else dataset_names(train_config),
@@ -119,7 +126,7 @@ def build_model_card(
         vision_library=meta.get("vision_library", "unknown library"),
         fusion_text=fusion_text,
         tokens_per_image=meta.get("tokens_per_image", "?"),
-        snippet=loading_snippet(repo_id),
+        snippet=loading_snippet(repo_id, adapter),
         llava_commands=llava_commands(repo_id),
         llava_note=meta.get("vision_library") == "transformers" and fusion == "projector"
         and model.get("projector") == "mlp2x_gelu",
@@ -155,21 +162,22 @@ def _write_atomic(path: Path, text: str) -> None:
             os.remove(tmp)
 
 
-def loading_snippet(repo_id: Optional[str]) -> str:
-    """Python that loads the model and answers one question (from the hub when `repo_id` is known)."""
+def loading_snippet(repo_id: Optional[str], adapter: bool = False) -> str:
+    """Python that loads the model and answers one question (from the hub when `repo_id` is known).
+
+    `adapter`: the folder holds LoRA adapters over a base model, loaded by `load_adapter_folder`.
+    """
+    imports, loader = "from vlm.model import VLM", "VLM.from_pretrained"
+    if adapter:
+        imports, loader = "from vlm.train.lora import load_adapter_folder", "load_adapter_folder"
     if repo_id:
         load = (
             "from huggingface_hub import snapshot_download\n"
-            "from PIL import Image\n"
-            "from vlm.model import VLM\n\n"
-            f'model = VLM.from_pretrained(snapshot_download("{repo_id}")).eval()\n'
+            f"from PIL import Image\n{imports}\n\n"
+            f'model = {loader}(snapshot_download("{repo_id}")).eval()\n'
         )
     else:
-        load = (
-            "from PIL import Image\n"
-            "from vlm.model import VLM\n\n"
-            f'model = VLM.from_pretrained("{LOCAL_PLACEHOLDER}").eval()\n'
-        )
+        load = f'from PIL import Image\n{imports}\n\nmodel = {loader}("{LOCAL_PLACEHOLDER}").eval()\n'
     return load + 'print(model.generate(images=[Image.open("picture.jpg")], prompt="What is in the picture?"))'
 
 
@@ -198,6 +206,7 @@ def point_card_at_repo(folder: str | Path, repo_id: str) -> bool:
         return False
     old_name, new_name = card.data.model_name, repo_id.split("/")[-1]
     text = card.text.replace(loading_snippet(None), loading_snippet(repo_id))
+    text = text.replace(loading_snippet(None, True), loading_snippet(repo_id, True))
     text = text.replace(llava_commands(None), llava_commands(repo_id))
     if old_name:
         text = text.replace(f"# {old_name}\n", f"# {new_name}\n", 1)

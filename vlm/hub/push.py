@@ -21,7 +21,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .model_card import CARD_NAME, point_card_at_repo, write_model_card
+from .model_card import ADAPTER_META, CARD_NAME, point_card_at_repo, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,11 @@ def push_folder(
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise PushError(f"Repository id {repo_id!r} (--repo-id / hub.repo_id) is not valid: {err}") from None
-    if not (folder / WEIGHTS_NAME).is_file() or not (folder / "config.json").is_file():
+    full = (folder / WEIGHTS_NAME).is_file() and (folder / "config.json").is_file()
+    if not full and not (folder / ADAPTER_META).is_file():
         raise PushError(
-            f"'{folder}' is not a saved VLM folder (needs {WEIGHTS_NAME} and config.json); "
-            "push the folder VLM.save_pretrained wrote, e.g. output_dir/final."
+            f"'{folder}' is not a saved VLM folder (needs {WEIGHTS_NAME} and config.json, or {ADAPTER_META} "
+            "for LoRA adapters); push the folder training wrote, e.g. output_dir/final."
         )
     if not (folder / CARD_NAME).is_file():
         write_model_card(folder, repo_id=repo_id)
