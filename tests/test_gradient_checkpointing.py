@@ -31,9 +31,13 @@ def step(model, batch) -> tuple[float, dict[str, torch.Tensor], int, dict[str, i
     """Loss, gradients, bytes of activations kept for the backward pass, calls per watched module."""
     saved = [0]
     calls = {"lm": 0, "fusion": 0}
+
+    def counter(name: str):
+        return lambda *args: calls.__setitem__(name, calls[name] + 1)
+
     hooks = [
-        model.lm.model.layers[1].layer.self_attn.q_proj.register_forward_hook(lambda *a: calls.__setitem__("lm", calls["lm"] + 1)),
-        model.fusion.blocks["1"].q_proj.register_forward_hook(lambda *a: calls.__setitem__("fusion", calls["fusion"] + 1)),
+        model.lm.model.layers[1].layer.self_attn.q_proj.register_forward_hook(counter("lm")),
+        model.fusion.blocks["1"].q_proj.register_forward_hook(counter("fusion")),
     ]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +89,9 @@ def test_components_are_validated_and_configurable(tiny_vlm):
         apply_gradient_checkpointing(tiny_vlm, ["lm", "projector"])
     assert apply_gradient_checkpointing(tiny_vlm, False) == []
     assert apply_gradient_checkpointing(tiny_vlm, ["vision"]) == []  # a frozen tower keeps no activations
-    config = load_config(None, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_components=[lm,fusion]"])
+    config = load_config(
+        None, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_components=[lm,fusion]"]
+    )
     assert config.train.gradient_checkpointing_components == ["lm", "fusion"]
     assert load_config(None, []).train.gradient_checkpointing_components == ["lm"]
     with pytest.raises(ConfigError, match="train.gradient_checkpointing_components"):
