@@ -177,7 +177,8 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
     module = strategy.setup(model, lambda m: build_optimizer(m, config))
     scheduler = get_cosine_schedule_with_warmup(strategy.optimizer, config.train.warmup_steps, config.train.max_steps)
     state: dict[str, Any] = {
-        "step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "bad_steps": [], "skipped": dict(train_set.problems),
+        "step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "bad_steps": [],
+        "skipped": dict(train_set.problems),
     }
     resume = resolve_resume(config.train.resume_from, output_dir)
     if resume is not None:
@@ -190,74 +191,80 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
     trackers = Trackers(config, output_dir, enabled=env.is_main)
 
     publisher = TrainingPublisher(config, output_dir) if env.is_main else None
+    try:
+        def checkpoint() -> Path:
+            path = save_checkpoint(strategy, {**state, "scheduler": scheduler.state_dict()}, config, env, output_dir,
+                                   config.train.save_total_limit)
+            if publisher is not None and strategy.replicated:  # hub.strategy=every_save (sharded runs push at the end)
+                publisher.on_save(strategy.unwrapped(), state["step"])
+            return path
 
-    def checkpoint() -> Path:
-        path = save_checkpoint(strategy, {**state, "scheduler": scheduler.state_dict()}, config, env, output_dir,
-                               config.train.save_total_limit)
-        if publisher is not None and strategy.replicated:  # hub.strategy=every_save (sharded runs push at the end)
-            publisher.on_save(strategy.unwrapped(), state["step"])
-        return path
-
-    per_step = config.train.grad_accum
-    consecutive_bad, stopped, started = 0, False, time.perf_counter()
-    tokens_seen, last_good = 0, []
-    progress = tqdm(total=config.train.max_steps, initial=state["step"], disable=not env.is_main, desc="train")
-    module.train()
-    with StopRequest() as stop:
-        while state["step"] < config.train.max_steps and not stopped:
-            sampler.set_position(state["epoch"], state["batches_in_epoch"] * config.train.batch_size)
-            train_set.set_epoch(state["epoch"])
-            batches, steps_this_epoch = iter(train_loader), 0
+        per_step = config.train.grad_accum
+        consecutive_bad, stopped, started = 0, False, time.perf_counter()
+        tokens_seen, last_good = 0, []
+        progress = tqdm(total=config.train.max_steps, initial=state["step"], disable=not env.is_main, desc="train")
+        module.train()
+        with StopRequest() as stop:
             while state["step"] < config.train.max_steps and not stopped:
-                micro = [b for _, b in zip(range(per_step), batches)]
-                if len(micro) < per_step:  # end of the epoch: a partial step is dropped, like drop_last
-                    break
-                state["batches_in_epoch"] += per_step
-                steps_this_epoch += 1
-                result = _step(strategy, model, micro, config, env, state, stop, last_good)
-                tokens_seen += result["tokens"]
-                if result["bad"]:
-                    consecutive_bad += 1
-                    state["bad_steps"].append({"after_step": state["step"], "samples": result["ids"]})
-                    logger.warning("Non-finite loss after step %d (samples %s): step skipped, no update.",
-                                   state["step"], result["ids"])
-                    if consecutive_bad >= config.train.max_bad_steps:
-                        path = checkpoint()
-                        raise TrainingAborted(
-                            f"{consecutive_bad} consecutive steps had a NaN/inf loss (last samples: {result['ids']}). "
-                            f"The last good state is saved in '{path}'. Lower train.lr, check these samples with "
-                            "`vlm data check`, or raise train.max_bad_steps."
-                        )
+                sampler.set_position(state["epoch"], state["batches_in_epoch"] * config.train.batch_size)
+                train_set.set_epoch(state["epoch"])
+                batches, steps_this_epoch = iter(train_loader), 0
+                while state["step"] < config.train.max_steps and not stopped:
+                    micro = [b for _, b in zip(range(per_step), batches)]
+                    if len(micro) < per_step:  # end of the epoch: a partial step is dropped, like drop_last
+                        break
+                    state["batches_in_epoch"] += per_step
+                    steps_this_epoch += 1
+                    result = _step(strategy, model, micro, config, env, state, stop, last_good)
+                    tokens_seen += result["tokens"]
+                    if result["bad"]:
+                        consecutive_bad += 1
+                        state["bad_steps"].append({"after_step": state["step"], "samples": result["ids"]})
+                        logger.warning("Non-finite loss after step %d (samples %s): step skipped, no update.",
+                                       state["step"], result["ids"])
+                        if consecutive_bad >= config.train.max_bad_steps:
+                            path = checkpoint()
+                            raise TrainingAborted(
+                                f"{consecutive_bad} consecutive steps had a NaN/inf loss "
+                                f"(last samples: {result['ids']}). "
+                                f"The last good state is saved in '{path}'. Lower train.lr, check these samples with "
+                                "`vlm data check`, or raise train.max_bad_steps."
+                            )
+                        stopped = result["stop"]
+                        continue
+                    consecutive_bad = 0
+                    scheduler.step()
+                    state["step"] += 1
+                    _log_step(state, result, scheduler, trackers, progress, config, tokens_seen, started, env)
+                    eval_every = config.train.eval_every
+                    if eval_loader is not None and eval_every and state["step"] % eval_every == 0:
+                        eval_loss = evaluate_loss(strategy, eval_loader, config, env)
+                        trackers.log({"eval/loss": eval_loss}, state["step"])
+                        progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
                     stopped = result["stop"]
-                    continue
-                consecutive_bad = 0
-                scheduler.step()
-                state["step"] += 1
-                _log_step(state, result, scheduler, trackers, progress, config, tokens_seen, started, env)
-                if eval_loader is not None and config.train.eval_every and state["step"] % config.train.eval_every == 0:
-                    eval_loss = evaluate_loss(strategy, eval_loader, config, env)
-                    trackers.log({"eval/loss": eval_loss}, state["step"])
-                    progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
-                stopped = result["stop"]
-                if not stopped and config.train.save_every and state["step"] % config.train.save_every == 0 \
-                        and state["step"] < config.train.max_steps:
-                    checkpoint()
-            if state["step"] < config.train.max_steps and not stopped:
-                if steps_this_epoch == 0 and state["batches_in_epoch"] == 0:
-                    raise ValueError(
-                        f"One optimizer step needs {per_step} batch(es) of {config.train.batch_size} per process, but "
-                        f"this process's share of the data has fewer; lower train.batch_size or train.grad_accum."
-                    )
-                state["epoch"] += 1
-                state["batches_in_epoch"] = 0
-    progress.close()
-    if stopped:
-        path = checkpoint()
-        if env.is_main:
-            print(f"Stopped by a signal at step {state['step']}; resume with train.resume_from={path}", flush=True)
-        trackers.finish()
-        return {"steps": state["step"], "stopped": True, "checkpoint": str(path)}
-    return _finish(strategy, config, env, state, eval_loader, trackers, started, output_dir, publisher)
+                    if not stopped and config.train.save_every and state["step"] % config.train.save_every == 0 \
+                            and state["step"] < config.train.max_steps:
+                        checkpoint()
+                if state["step"] < config.train.max_steps and not stopped:
+                    if steps_this_epoch == 0 and state["batches_in_epoch"] == 0:
+                        raise ValueError(
+                            f"One optimizer step needs {per_step} batch(es) of {config.train.batch_size} per "
+                            "process, but "
+                            f"this process's share of the data has fewer; lower train.batch_size or train.grad_accum."
+                        )
+                    state["epoch"] += 1
+                    state["batches_in_epoch"] = 0
+        progress.close()
+        if stopped:
+            path = checkpoint()
+            if env.is_main:
+                print(f"Stopped by a signal at step {state['step']}; resume with train.resume_from={path}", flush=True)
+            trackers.finish()
+            return {"steps": state["step"], "stopped": True, "checkpoint": str(path)}
+        return _finish(strategy, config, env, state, eval_loader, trackers, started, output_dir, publisher)
+    finally:
+        if publisher is not None:  # queued pushes finish and temporary snapshots go, on every path
+            publisher.close()
 
 
 def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: Config, env: DistEnv,
@@ -346,7 +353,8 @@ def _finish(strategy: Strategy, config: Config, env: DistEnv, state: dict[str, A
         model = strategy.unwrapped() if strategy.replicated else build_model(config)
         if not strategy.replicated:
             model.load_state_dict(full)
-        save_final(model, output_dir / "final", merge=config.export.merge_lora, base=config.model.init_from or config.model.pretrained)
+        save_final(model, output_dir / "final", merge=config.export.merge_lora,
+                   base=config.model.init_from or config.model.pretrained)
         details = {"history": history, "bad_step_samples": state["bad_steps"]}
         (output_dir / "train_summary.json").write_text(json.dumps({**summary, **details}, indent=2))
         print(json.dumps(summary), flush=True)
