@@ -75,6 +75,9 @@ def build_feature_cache(model: VLM, config: Config, env: DistEnv) -> FeatureCach
     """Encode every training / eval image once (each rank a share), before the first step."""
     if not model.vision.frozen:
         raise ValueError("data.cache_features needs a frozen vision encoder; this stage trains it.")
+    if not model.fusion.reads_encoder_features:
+        raise ValueError(f"model.fusion='{model.config.fusion}' reads raw pixels, not the tower's features; "
+                         "set data.cache_features=false.")
     vision = model.vision.to(env.device)
     cache = FeatureCache(
         config.data.cache_dir or Path(config.output_dir) / "feature_cache",
