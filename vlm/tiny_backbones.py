@@ -17,6 +17,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import timm
@@ -196,6 +197,28 @@ def _vit_loss(model: _ViTPretrainer, x: torch.Tensor, y: torch.Tensor, masks: to
     return loss + dense_loss + MASK_WEIGHT * mask_loss, stats, dense_stats
 
 
+def fit_on_scenes(
+    model: torch.nn.Module, prep: Callable[[torch.Tensor], torch.Tensor], train_x: torch.Tensor,
+    train_y: torch.Tensor, train_mask: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
+) -> list[float]:
+    """The towers' shared pre-training loop (AdamW, warmup + cosine, clipping) on scene batches; returns losses."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    losses: list[float] = []
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        idx = torch.randint(len(train_x), (batch_size,), generator=gen)
+        loss, _, _ = _vit_loss(model, prep(train_x[idx]), train_y[idx], train_mask[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def pretrain_vit(out_dir: str | Path, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 3e-3) -> dict:
     """Pre-train a small timm ViT on synthetic scenes and save it for `local-dir:` loading."""
     out_dir = Path(out_dir)
@@ -219,20 +242,7 @@ def pretrain_vit(out_dir: str | Path, steps: int, seed: int = 0, batch_size: int
     def prep(x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255 - mean_t) / std_t
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    losses: list[float] = []
-    model.train()
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        idx = torch.randint(len(train_x), (batch_size,), generator=gen)
-        loss, _, _ = _vit_loss(model, prep(train_x[idx]), train_y[idx], train_mask[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_on_scenes(model, prep, train_x, train_y, train_mask, steps, lr, batch_size, seed)
 
     model.eval()
     totals: dict[str, dict[str, list[int]]] = {"head": {}, "patch_probe": {}}

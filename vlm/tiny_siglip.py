@@ -17,7 +17,7 @@ from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionM
 from transformers.image_utils import PILImageResampling
 
 from .tiny_backbones import (
-    HEADS, IMAGE_SIZE, _head_mean, _lr_at, _scene_pool, _tail_mean, _vit_loss, vit_heldout_pool,
+    HEADS, IMAGE_SIZE, _head_mean, _scene_pool, _tail_mean, _vit_loss, fit_on_scenes, vit_heldout_pool,
 )
 
 SIGLIP_CONFIG = dict(
@@ -70,20 +70,7 @@ def pretrain_siglip(
     def prep(x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255 - mean_t) / std_t
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        idx = torch.randint(len(train_x), (batch_size,), generator=gen)
-        loss, _, _ = _vit_loss(model, prep(train_x[idx]), train_y[idx], train_mask[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_on_scenes(model, prep, train_x, train_y, train_mask, steps, lr, batch_size, seed)
 
     model.eval()
     with torch.no_grad():
