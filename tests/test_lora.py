@@ -98,3 +98,22 @@ def test_qlora_without_cuda_says_so(model_config):
 def test_lora_config_keys_load():
     config = load_config(None, ["train.lora.enabled=true", "train.lora.r=8", "train.lora.target_modules=[q_proj,v_proj]"])
     assert config.train.lora.r == 8 and config.train.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_lora_through_the_training_loop_writes_a_merged_final_folder(backbones, synthetic, tmp_path):
+    """`train.lora.enabled` end to end: the loop applies it, checkpoints hold the adapters, and `final/`
+    is a plain (merged) VLM folder that loads without peft."""
+    from vlm.train import train
+
+    out = tmp_path / "run"
+    config = load_config(None, [
+        f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.projector=mlp2x_gelu",
+        f"data.train_files=[{synthetic['train']}]", "train.stage=finetune", "train.max_steps=6",
+        "train.batch_size=4", "train.lr=5e-3", "train.save_every=3", "train.report_to=none",
+        "train.lora.enabled=true", "train.lora.r=4", f"output_dir={out}",
+    ])
+    summary = train(config)
+    assert summary["final_loss"] < summary["first_loss"]
+    loaded = VLM.from_pretrained(out / "final")
+    assert not has_lora(loaded)
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file()

@@ -120,3 +120,11 @@ def test_too_many_bad_steps_abort_after_saving_the_last_good_state(config_file, 
     for key, value in good["optimizer"]["state"].items():
         for name, tensor in value.items():
             assert torch.equal(torch.as_tensor(bad["optimizer"]["state"][key][name]), torch.as_tensor(tensor))
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(config_file, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(config_file, ["train.max_steps=9", "train.save_every=2", "train.save_total_limit=2",
+                                    f"output_dir={out}"]))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-6", "checkpoint-8"]
+    assert not list(out.glob("*.tmp"))
