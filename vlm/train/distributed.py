@@ -55,19 +55,14 @@ def barrier(env: DistEnv) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum over ranks, in place and returned (identity for one process)."""
-    if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    """Sum over ranks; returns a new tensor on `tensor`'s device (the identity for one process).
 
-
-def broadcast_object(obj: object, env: DistEnv) -> object:
-    """Rank 0's value on every rank."""
+    The collective runs on the process's device: NCCL takes only CUDA tensors, gloo CPU ones."""
     if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return tensor
+    reduced = tensor.to(env.device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(tensor.device)
 
 
 def teardown(env: DistEnv) -> None:
