@@ -280,7 +280,8 @@ def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: C
             logger.warning("Skipping sample '%s': %s", item["skipped"], item["detail"])
     local_tokens = [supervised_tokens(b) for b in micro]
     counts = all_reduce_sum(torch.tensor([float(sum(local_tokens))], dtype=torch.float64), env)
-    global_tokens = torch.tensor(max(float(counts[0]), 1.0), device=env.device)
+    # An integer tensor: FSDP's mixed-precision policy casts floating forward inputs to bf16.
+    global_tokens = torch.tensor(max(int(counts[0]), 1), device=env.device)
     loss_sum, bad, ids = 0.0, False, []
     for i, batch in enumerate(micro):
         ids += list(batch.get("ids", []))
