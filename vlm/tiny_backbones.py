@@ -197,6 +197,34 @@ def _vit_loss(model: _ViTPretrainer, x: torch.Tensor, y: torch.Tensor, masks: to
     return loss + dense_loss + MASK_WEIGHT * mask_loss, stats, dense_stats
 
 
+def pixel_normalizer(
+    train_x: torch.Tensor,
+) -> tuple[tuple[float, ...], tuple[float, ...], Callable[[torch.Tensor], torch.Tensor]]:
+    """Per-channel mean / std of uint8 scenes [n, 3, H, W] (rounded, as saved in the preprocessing
+    config) and the function that normalises a uint8 batch with them."""
+    pixels = train_x.float().div(255).transpose(0, 1).reshape(3, -1)
+    mean = tuple(round(v, 3) for v in pixels.mean(1).tolist())
+    std = tuple(round(v, 3) for v in pixels.std(1).tolist())
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255 - mean_t) / std_t
+
+    return mean, std, prep
+
+
+def pretraining_summary(steps: int, losses: list[float], accuracy: dict, mean: tuple, std: tuple) -> dict:
+    """What `pretraining.json` records for each tower."""
+    return {
+        "steps": steps,
+        "first_loss": _head_mean(losses),
+        "final_loss": _tail_mean(losses),
+        "heldout_accuracy": accuracy,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
 def fit_on_scenes(
     model: torch.nn.Module, prep: Callable[[torch.Tensor], torch.Tensor], train_x: torch.Tensor,
     train_y: torch.Tensor, train_mask: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
@@ -234,13 +262,7 @@ def pretrain_vit(out_dir: str | Path, steps: int, seed: int = 0, batch_size: int
     model = _ViTPretrainer(vit)
     train_x, train_y, train_mask = _scene_pool(min(max(steps, 1) * batch_size, 8192), rng)
     test_x, test_y, test_mask = vit_heldout_pool(seed)
-    pixels = train_x.float().div(255).transpose(0, 1).reshape(3, -1)
-    mean = tuple(round(v, 3) for v in pixels.mean(1).tolist())
-    std = tuple(round(v, 3) for v in pixels.std(1).tolist())
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - mean_t) / std_t
+    mean, std, prep = pixel_normalizer(train_x)
 
     losses = fit_on_scenes(model, prep, train_x, train_y, train_mask, steps, lr, batch_size, seed)
 
@@ -274,14 +296,7 @@ def pretrain_vit(out_dir: str | Path, steps: int, seed: int = 0, batch_size: int
             "interpolation": "bicubic",
         },
     )
-    return {
-        "steps": steps,
-        "first_loss": _head_mean(losses),
-        "final_loss": _tail_mean(losses),
-        "heldout_accuracy": accuracy,
-        "mean": mean,
-        "std": std,
-    }
+    return pretraining_summary(steps, losses, accuracy, mean, std)
 
 
 def _head_mean(xs: list[float], k: int = 5) -> float | None:

@@ -17,7 +17,8 @@ from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionM
 from transformers.image_utils import PILImageResampling
 
 from .tiny_backbones import (
-    HEADS, IMAGE_SIZE, _head_mean, _scene_pool, _tail_mean, _vit_loss, fit_on_scenes, vit_heldout_pool,
+    HEADS, IMAGE_SIZE, _scene_pool, _vit_loss, fit_on_scenes, pixel_normalizer, pretraining_summary,
+    vit_heldout_pool,
 )
 
 SIGLIP_CONFIG = dict(
@@ -62,13 +63,7 @@ def pretrain_siglip(
     model = _SiglipPretrainer(tower)
     train_x, train_y, train_mask = _scene_pool(min(max(steps, 1) * batch_size, 2048), random.Random(f"siglip:{seed}"))
     test_x, test_y, test_mask = vit_heldout_pool(seed, n=256)
-    pixels = train_x.float().div(255).transpose(0, 1).reshape(3, -1)
-    mean = [round(v, 3) for v in pixels.mean(1).tolist()]
-    std = [round(v, 3) for v in pixels.std(1).tolist()]
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - mean_t) / std_t
+    mean, std, prep = pixel_normalizer(train_x)
 
     losses = fit_on_scenes(model, prep, train_x, train_y, train_mask, steps, lr, batch_size, seed)
 
@@ -84,11 +79,4 @@ def pretrain_siglip(
         do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=PILImageResampling.BICUBIC,
         do_rescale=True, do_normalize=True, image_mean=mean, image_std=std,
     ).save_pretrained(out_dir)
-    return {
-        "steps": steps,
-        "first_loss": _head_mean(losses),
-        "final_loss": _tail_mean(losses),
-        "heldout_accuracy": accuracy,
-        "mean": mean,
-        "std": std,
-    }
+    return pretraining_summary(steps, losses, accuracy, mean, std)
