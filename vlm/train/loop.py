@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -208,55 +208,38 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
         progress = tqdm(total=config.train.max_steps, initial=state["step"], disable=not env.is_main, desc="train")
         module.train()
         with StopRequest() as stop:
-            while state["step"] < config.train.max_steps and not stopped:
-                sampler.set_position(state["epoch"], state["batches_in_epoch"] * config.train.batch_size)
-                train_set.set_epoch(state["epoch"])
-                batches, steps_this_epoch = iter(train_loader), 0
-                while state["step"] < config.train.max_steps and not stopped:
-                    micro = [b for _, b in zip(range(per_step), batches)]
-                    if len(micro) < per_step:  # end of the epoch: a partial step is dropped, like drop_last
-                        break
-                    state["batches_in_epoch"] += per_step
-                    steps_this_epoch += 1
-                    result = _step(strategy, model, micro, config, env, state, stop, last_good)
-                    tokens_seen += result["tokens"]
-                    if result["bad"]:
-                        consecutive_bad += 1
-                        state["bad_steps"].append({"after_step": state["step"], "samples": result["ids"]})
-                        logger.warning("Non-finite loss after step %d (samples %s): step skipped, no update.",
-                                       state["step"], result["ids"])
-                        if consecutive_bad >= config.train.max_bad_steps:
-                            path = checkpoint()
-                            raise TrainingAborted(
-                                f"{consecutive_bad} consecutive steps had a NaN/inf loss "
-                                f"(last samples: {result['ids']}). "
-                                f"The last good state is saved in '{path}'. Lower train.lr, check these samples with "
-                                "`vlm data check`, or raise train.max_bad_steps."
-                            )
-                        stopped = result["stop"]
-                        continue
+            steps = _micro_batches(train_loader, sampler, train_set, state, per_step, config.train.batch_size)
+            for micro in steps if state["step"] < config.train.max_steps else ():
+                result = _step(strategy, model, micro, config, env, state, stop, last_good)
+                tokens_seen += result["tokens"]
+                stopped = result["stop"]
+                if result["bad"]:
+                    consecutive_bad += 1
+                    state["bad_steps"].append({"after_step": state["step"], "samples": result["ids"]})
+                    logger.warning("Non-finite loss after step %d (samples %s): step skipped, no update.",
+                                   state["step"], result["ids"])
+                    if consecutive_bad >= config.train.max_bad_steps:
+                        path = checkpoint()
+                        raise TrainingAborted(
+                            f"{consecutive_bad} consecutive steps had a NaN/inf loss (last samples: {result['ids']}). "
+                            f"The last good state is saved in '{path}'. Lower train.lr, check these samples with "
+                            "`vlm data check`, or raise train.max_bad_steps."
+                        )
+                else:
                     consecutive_bad = 0
                     scheduler.step()
                     state["step"] += 1
                     _log_step(state, result, scheduler, trackers, progress, config, tokens_seen, started, env)
-                    eval_every = config.train.eval_every
-                    if eval_loader is not None and eval_every and state["step"] % eval_every == 0:
+                    if eval_loader is not None and config.train.eval_every \
+                            and state["step"] % config.train.eval_every == 0:
                         eval_loss = evaluate_loss(strategy, eval_loader, config, env)
                         trackers.log({"eval/loss": eval_loss}, state["step"])
                         progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
-                    stopped = result["stop"]
                     if not stopped and config.train.save_every and state["step"] % config.train.save_every == 0 \
                             and state["step"] < config.train.max_steps:
                         checkpoint()
-                if state["step"] < config.train.max_steps and not stopped:
-                    if steps_this_epoch == 0 and state["batches_in_epoch"] == 0:
-                        raise ValueError(
-                            f"One optimizer step needs {per_step} batch(es) of {config.train.batch_size} per "
-                            "process, but "
-                            f"this process's share of the data has fewer; lower train.batch_size or train.grad_accum."
-                        )
-                    state["epoch"] += 1
-                    state["batches_in_epoch"] = 0
+                if stopped or state["step"] >= config.train.max_steps:
+                    break
         progress.close()
         if stopped:
             path = checkpoint()
@@ -268,6 +251,30 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
     finally:
         if publisher is not None:  # queued pushes finish and temporary snapshots go, on every path
             publisher.close()
+
+
+def _micro_batches(
+    loader: DataLoader, sampler: Any, dataset: ConversationDataset, state: dict[str, Any], per_step: int,
+    batch_size: int,
+) -> Iterator[list[dict[str, Any]]]:
+    """This process's micro-batches, `per_step` at a time, epoch after epoch, from the data position in
+    `state` (epoch, batches_in_epoch), which it keeps current so a checkpoint resumes exactly here. A
+    partial step at the end of an epoch is dropped, like `drop_last`."""
+    while True:
+        sampler.set_position(state["epoch"], state["batches_in_epoch"] * batch_size)
+        dataset.set_epoch(state["epoch"])
+        batches, yielded = iter(loader), False
+        while len(micro := [b for _, b in zip(range(per_step), batches)]) == per_step:
+            state["batches_in_epoch"] += per_step
+            yielded = True
+            yield micro
+        if not yielded and state["batches_in_epoch"] == 0:
+            raise ValueError(
+                f"One optimizer step needs {per_step} batch(es) of {batch_size} per process, but this process's "
+                "share of the data has fewer; lower train.batch_size or train.grad_accum."
+            )
+        state["epoch"] += 1
+        state["batches_in_epoch"] = 0
 
 
 def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: Config, env: DistEnv,
