@@ -249,3 +249,20 @@ def test_short_training_run_lowers_the_loss_and_opens_the_gates(backbones, synth
     gates = [g.item() for b in trained.fusion.blocks.values() for g in (b.attn_gate, b.ffn_gate)]
     assert gates and all(abs(g) > 1e-4 for g in gates), gates
     assert json.loads((tmp_path / "final" / "config.json").read_text())["model"]["fusion"] == "cross_attention"
+
+
+def test_the_decode_position_comes_from_the_lm_call_or_fails_loudly():
+    """Decoder layers' cache keyword has been renamed upstream; the position is read from the LM's
+    public call (2-D mask minus new tokens, or any cache object), and an unknown cache fails."""
+    from transformers import DynamicCache
+
+    from vlm.fusion.decoder_layers import past_length_of_call
+
+    step = torch.zeros(2, 1, 8)
+    assert past_length_of_call({"inputs_embeds": step, "attention_mask": torch.ones(2, 13)}) == 12
+    assert past_length_of_call({"input_ids": torch.zeros(2, 5, dtype=torch.long)}) == 0
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 1, 7, 4), torch.zeros(2, 1, 7, 4), 0)
+    assert past_length_of_call({"inputs_embeds": step, "renamed_cache_keyword": cache}) == 7
+    with pytest.raises(RuntimeError, match="Cannot tell how many positions"):
+        past_length_of_call({"inputs_embeds": step, "past_state": ("opaque",)})

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import Fusion, register_fusion
-from .decoder_layers import STATE_KWARG, active_state, find_decoder_layers, wrap_layers
+from .decoder_layers import STATE_KWARG, active_state, find_decoder_layers, past_length_of_call, wrap_layers
 from .resampler import PerceiverResampler
 
 
@@ -94,6 +94,7 @@ class VisualState:
         # Generated tokens all see their sample's last image: its tokens alone, no mask needed.
         self.last_visual = visual.view(b, -1, tokens_per_image, dim)[rows, last_slot.clamp(min=0)]
         self.kv = self.last_kv = None
+        self.past_length: int | None = None  # set per LM forward (see decoder_layers.PreLayerState)
         if precompute:
             self.kv = {int(i): block.key_values(visual) for i, block in blocks.items()}
             self.last_kv = {int(i): block.key_values(self.last_visual) for i, block in blocks.items()}
@@ -239,6 +240,8 @@ class CrossAttentionFusion(Fusion):
         inputs_embeds = self._with_marker_embedding(inputs_embeds, image_mask)
         state = self.visual_state(image_features, image_mask)
         if state is not None:
+            state.past_length = past_length_of_call({**kwargs, "inputs_embeds": inputs_embeds,
+                                                     "attention_mask": attention_mask})
             kwargs[STATE_KWARG] = state
         return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 

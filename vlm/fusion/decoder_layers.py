@@ -35,6 +35,10 @@ _ACTIVE_STATE: contextvars.ContextVar["PreLayerState | None"] = contextvars.Cont
 
 
 class PreLayerState(Protocol):
+    past_length: int | None
+    """Sequence positions already in the LM's KV cache for the current forward; set by the LM's
+    position hook (`wrap_layers`) before any layer runs, None until then."""
+
     def __call__(self, layer_index: int, hidden_states: torch.Tensor, past_length: int) -> torch.Tensor:
         """hidden_states [batch, q, dim] of queries at absolute positions past_length.. -> same shape."""
 
@@ -75,13 +79,39 @@ def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
     )
 
 
-def _past_length(cache: Any, layer_index: int) -> int:
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0
-    try:
-        return int(cache.get_seq_length(layer_index))
-    except (TypeError, IndexError):
-        return int(cache.get_seq_length())
+def past_length_of_call(kwargs: dict[str, Any]) -> int:
+    """Positions already cached before this forward of a causal LM, from its public call keywords.
+
+    The 2-D attention mask covers cached and new positions (generate grows it by one per step), so
+    past = mask length - new length. Without a mask, a cache object under any keyword is asked its
+    length. Decoder layers' own keywords are not read: they are internal and have been renamed
+    upstream before (`past_key_value` -> `past_key_values` -> `cache`), which once made every decode
+    step look like position 0. When neither is there and something cache-like is, raise.
+    """
+    new = next((kwargs[k] for k in ("inputs_embeds", "input_ids") if kwargs.get(k) is not None), None)
+    mask = kwargs.get("attention_mask")
+    if new is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.shape[1] - new.shape[1]
+    caches = [v for v in kwargs.values() if hasattr(v, "get_seq_length")]
+    if caches:
+        return int(caches[0].get_seq_length())
+    cache_like = [k for k, v in kwargs.items() if v is not None and ("cache" in k or "past" in k) and k != "use_cache"]
+    if cache_like or new is None:
+        raise RuntimeError(
+            f"Cannot tell how many positions the LM has cached (keywords {sorted(kwargs)}); pass a 2-D "
+            "attention_mask to the LM so image-aware layers know each token's position."
+        )
+    return 0
+
+
+def _record_past_length(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook on the LM: tell the call's state where this forward's tokens start (generate
+    calls the LM through `__call__`; peft's training forward does not, so fusions also set it)."""
+    state = kwargs.get(STATE_KWARG) or _ACTIVE_STATE.get()
+    if state is not None:
+        if args:
+            raise RuntimeError("Call the LM with keyword arguments when image-aware layers are attached.")
+        state.past_length = past_length_of_call(kwargs)
 
 
 class PreLayerWrapper(nn.Module):
@@ -97,8 +127,12 @@ class PreLayerWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state = kwargs.pop(STATE_KWARG, None) or _ACTIVE_STATE.get()
         if state is not None:
-            cache = kwargs.get("past_key_values", kwargs.get("past_key_value", kwargs.get("layer_past")))
-            past = _past_length(cache, self.layer_index)
+            past = state.past_length
+            if past is None:
+                raise RuntimeError(
+                    "An image-aware decoder layer ran before the LM's position hook; call the LM module that "
+                    "was given to `wrap_layers`, not its inner decoder."
+                )
             if args:
                 args = (state(self.layer_index, args[0], past), *args[1:])
             else:
@@ -123,8 +157,11 @@ def _add_layer_segment(module: nn.Module, state_dict: dict, prefix: str, *args: 
 
 
 def wrap_layers(lm: nn.Module, indices: list[int]) -> list[int]:
-    """Wrap `lm`'s decoder layers at `indices` (idempotent); returns the indices now wrapped."""
+    """Wrap `lm`'s decoder layers at `indices` and hook `lm`'s forward to record each call's past
+    length (both idempotent); returns the indices now wrapped."""
     layers = find_decoder_layers(lm)
+    if not any(hook is _record_past_length for hook in lm._forward_pre_hooks.values()):
+        lm.register_forward_pre_hook(_record_past_length, with_kwargs=True)
     for i in indices:
         if not isinstance(layers[i], PreLayerWrapper):
             layers[i] = PreLayerWrapper(layers[i], i)

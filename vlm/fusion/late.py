@@ -16,6 +16,7 @@ never the question: that is what "late" means, and why it cannot answer what dep
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -138,14 +139,18 @@ class LateFusion(Fusion):
         mask = attention_mask.long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         step_inputs: dict[str, Any] = {"inputs_embeds": inputs_embeds}
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under peft
+        # transformers renamed the cache keyword (`past_key_values` -> `cache`); an unknown keyword would be
+        # swallowed by **kwargs and every step would decode without its past, so ask the signature.
+        cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         past, new_tokens = None, []
         finished = torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
         for _ in range(max_new_tokens):
             out = lm(
-                **step_inputs, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True,
+                **step_inputs, attention_mask=mask, position_ids=positions, **{cache_kw: past}, use_cache=True,
                 output_hidden_states=vision is not None,
             )
-            past, logits = out.past_key_values, out.logits[:, -1:]
+            past, logits = out[cache_kw], out.logits[:, -1:]
             if vision is not None:
                 # The prompt's last position already sees its sample's last image, as do all new tokens.
                 logits = self.mix(logits, out.hidden_states[-1][:, -1:], vision[0][:, -1:], vision[1][:, -1:])
