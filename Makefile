@@ -1,20 +1,23 @@
 # Set-up is two commands on a fresh machine: `make quickstart` and `make test`.
+# Every install takes its versions from requirements.lock (pip constraints written by `make lock`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+LOCK := requirements.lock
+PIP := $(PY) -m pip install --quiet -c $(LOCK)
 
-.PHONY: quickstart test install install-dev clean
+.PHONY: quickstart test install install-dev lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PIP) --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(PY)
+	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev]"
+$(VENV)/.installed-dev: pyproject.toml $(LOCK) | $(PY)
+	$(PIP) -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -27,6 +30,13 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# Deliberate: re-resolve the newest versions pyproject.toml allows, rewrite the lock, reinstall from
+# it and run the full suite. Commit requirements.lock only if the suite passes.
+lock:
+	PYTHON=$(PYTHON) bash scripts/lock.sh
+	rm -f $(VENV)/.installed $(VENV)/.installed-dev
+	$(MAKE) test
 
 clean:
 	rm -rf artifacts outputs
