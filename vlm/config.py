@@ -87,11 +87,18 @@ class DataConfig:
     """User turn for captioning tables (`image`, `caption`); the caption is the answer."""
     vqa_prompt: str = "<image>\n{question}"
     """User turn for VQA tables (`image`, `question`, `answer`|`answers`); `{question}` is filled in."""
+    max_image_pixels: Optional[int] = 89_478_485
+    """Images declaring more pixels (width x height, read from the header before decoding) are skipped and
+    counted as `image_too_large`; the default is Pillow's own limit (~89M, a 9459x9459 image). null: no limit."""
     num_workers: int = 0
     cache_features: bool = False
     """Compute the frozen encoder's outputs once, store them on disk, and skip the encoder afterwards."""
     cache_dir: Optional[str] = None
     """Where the feature cache lives (default: `output_dir/feature_cache`); safe to share between runs."""
+
+    def __post_init__(self) -> None:
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"data.max_image_pixels must be a positive pixel count or null, got {self.max_image_pixels}.")
 
 
 @dataclass
