@@ -131,7 +131,8 @@ def record_to_sample(
         kind = "llava"
     elif record.get("messages") is not None:
         messages = [
-            {"role": m.get("role") or "", "content": _content(m.get("content"), f"message {i}'s 'content'", text, sample_id)}
+            {"role": m.get("role") or "",
+             "content": _content(m.get("content"), f"message {i}'s 'content'", text, sample_id)}
             for i, m in enumerate(_turns(record["messages"], "messages", sample_id))
         ]
         kind = "messages"
@@ -148,7 +149,8 @@ def record_to_sample(
         kind = "vqa"
     elif record.get("caption") is not None:
         prompt = _with_image_tags(caption_prompt, len(resolved))
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text(record["caption"], "'caption'")}]
+        caption = text(record["caption"], "'caption'")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
         meta.pop("caption", None)
         meta.setdefault("task", "caption")
         kind = "caption"
@@ -170,8 +172,8 @@ def _turns(value: Any, key: str, sample_id: str) -> list[dict[str, Any]]:
                           f"'{key}' is {_kind(value)}; it must be a list of turns like {_TURN_EXAMPLE[key]}.")
     for i, turn in enumerate(value):
         if not isinstance(turn, dict):
-            raise SampleError(sample_id, "malformed",
-                              f"'{key}' turn {i} is {_kind(turn)}; each turn must be an object like {_TURN_EXAMPLE[key]}.")
+            raise SampleError(sample_id, "malformed", f"'{key}' turn {i} is {_kind(turn)}; "
+                              f"each turn must be an object like {_TURN_EXAMPLE[key]}.")
     return value
 
 

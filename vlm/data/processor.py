@@ -203,56 +203,49 @@ def load_images(sample: Sample, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
 
     Decoding is third-party code on untrusted bytes, so every failure (not only the expected ones) becomes
     a skipped sample rather than a dead run. The declared size is checked before any pixel is decoded."""
-    images = []
-    for image in sample.images:
-        what = f"image file '{image}'" if isinstance(image, str) else f"image {_describe(image)}"
-        try:
-            images.append(_open_checked(image, max_pixels, sample.id, what))
-        except SampleError:
-            raise
-        except FileNotFoundError:
-            raise SampleError(sample.id, "missing_image", f"{what} does not exist.") from None
-        except IsADirectoryError:
-            raise SampleError(sample.id, "missing_image", f"{what} is a folder, not an image file.") from None
-        except Image.DecompressionBombError as err:
-            raise SampleError(sample.id, "image_too_large", f"{what} is too large to decode safely ({err}).") from None
-        except MemoryError:
-            raise SampleError(sample.id, "image_too_large", f"{what} does not fit in memory when decoded.") from None
-        except Exception as err:  # noqa: BLE001 - see the docstring
-            raise SampleError(
-                sample.id, "corrupt_image", f"{what} cannot be decoded ({type(err).__name__}: {err})."
-            ) from None
-    return images
+    return [_read_image(image, max_pixels, sample.id, decode=True) for image in sample.images]
 
 
 def probe_images(sample: Sample, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Read each image's header only (no pixel decoding): missing, unidentifiable and oversized images
     are found up front, which is how `data.strict` stops before step 1 rather than mid-run."""
     for image in sample.images:
-        what = f"image file '{image}'" if isinstance(image, str) else f"image {_describe(image)}"
-        if isinstance(image, Image.Image):
-            _check_pixels(image.size, max_pixels, sample.id, what)
-            continue
-        try:
-            source = image.encoded() if hasattr(image, "encoded") else image
-            with _pillow_limit(max_pixels), Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-                _check_pixels(im.size, max_pixels, sample.id, what)
-        except SampleError:
-            raise
-        except Exception as err:  # noqa: BLE001 - as in load_images
-            raise SampleError(sample.id, "corrupt_image", f"{what} cannot be opened ({type(err).__name__}: {err}).") from None
+        _read_image(image, max_pixels, sample.id, decode=False)
 
 
-def _open_checked(image: Any, max_pixels: int | None, sample_id: str, what: str) -> Image.Image:
-    """Open lazily (header only), refuse a declared size over `max_pixels`, then decode to RGB."""
+def _read_image(image: Any, max_pixels: int | None, sample_id: str, decode: bool) -> Image.Image | None:
+    what = f"image file '{image}'" if isinstance(image, str) else f"image {_describe(image)}"
+    try:
+        return _open_checked(image, max_pixels, sample_id, what, decode)
+    except SampleError:
+        raise
+    except FileNotFoundError:
+        raise SampleError(sample_id, "missing_image", f"{what} does not exist.") from None
+    except IsADirectoryError:
+        raise SampleError(sample_id, "missing_image", f"{what} is a folder, not an image file.") from None
+    except Image.DecompressionBombError as err:
+        raise SampleError(sample_id, "image_too_large", f"{what} is too large to decode safely ({err}); "
+                          "downscale it or raise data.max_image_pixels.") from None
+    except MemoryError:
+        raise SampleError(sample_id, "image_too_large", f"{what} does not fit in memory when decoded.") from None
+    except Exception as err:  # noqa: BLE001 - see load_images
+        raise SampleError(
+            sample_id, "corrupt_image", f"{what} cannot be decoded ({type(err).__name__}: {err})."
+        ) from None
+
+
+def _open_checked(
+    image: Any, max_pixels: int | None, sample_id: str, what: str, decode: bool,
+) -> Image.Image | None:
+    """Open lazily (header only), refuse a declared size over `max_pixels`, then (if `decode`) decode to RGB."""
     if isinstance(image, Image.Image):
         _check_pixels(image.size, max_pixels, sample_id, what)
-        return _to_rgb(image)
+        return _to_rgb(image) if decode else None
     if hasattr(image, "encoded"):  # a dataset cell (DatasetImage): its bytes or path, not yet decoded
         image = image.encoded()
     with _pillow_limit(max_pixels), Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
         _check_pixels(opened.size, max_pixels, sample_id, what)
-        return _to_rgb(opened)
+        return _to_rgb(opened) if decode else None
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int | None, sample_id: str, what: str) -> None:
@@ -290,7 +283,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     conversion clips them, which turns most 16-bit photos white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         values = np.asarray(image, dtype=np.int64)
-        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # 2-D uint8: mode L
     return image.convert("RGB")
 
 
