@@ -52,3 +52,27 @@ def test_malformed_override_explains_the_form():
 def test_shipped_configs_validate():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("yaml_value, expected", [
+    ("tensorboard", ["tensorboard"]), ("none", ["none"]), ("[]", []), ("[tensorboard, wandb]", ["tensorboard", "wandb"]),
+])
+def test_report_to_takes_a_name_or_a_list_like_transformers(tmp_path, yaml_value, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  report_to: {yaml_value}\n")
+    assert load_config(path).train.report_to == expected
+    assert load_config(None, [f"train.report_to={yaml_value}"]).train.report_to == expected
+
+
+def test_report_to_list_starts_each_tracker_and_rejects_unknown_names(tmp_path):
+    from vlm.train.trackers import Trackers
+
+    assert Trackers(load_config(None, ["train.report_to=[]"]), tmp_path, enabled=True).trackers == []
+    assert Trackers(load_config(None, ["train.report_to=none"]), tmp_path, enabled=True).trackers == []
+    started = Trackers(load_config(None, ["train.report_to=[tensorboard, tensorboard]"]), tmp_path, enabled=True)
+    assert [type(t).__name__ for t in started.trackers] == ["TensorBoardTracker"]
+    started.finish()
+    with pytest.raises(ConfigError, match=r"train.report_to\[1\]' must be one of"):
+        load_config(None, ["train.report_to=[tensorboard, mlflow]"])
+    with pytest.raises(ConfigError, match="mixes 'none' with trackers"):
+        load_config(None, ["train.report_to=[none, wandb]"])

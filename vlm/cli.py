@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .data.sample import DataError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -59,10 +60,11 @@ def _data_check(args: argparse.Namespace) -> int:
         processor = VLM.build_processor(config.model)
         processor.max_length = config.data.max_length
         processor.truncate_text = config.data.truncate_text
+        processor.max_image_pixels = config.data.max_image_pixels
         image_root, data = image_root or config.data.image_root, config.data
     report = check_data(args.files, processor, image_root, data)
     print(report.render())
-    return 1 if report.bad else 0
+    return 1 if report.failed else 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -177,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as err:
         print(f"Config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # an unreadable data file, or a bad sample under data.strict
+        print(f"Data error: {err}", file=sys.stderr)
         return 2
 
 

@@ -87,11 +87,18 @@ class DataConfig:
     """User turn for captioning tables (`image`, `caption`); the caption is the answer."""
     vqa_prompt: str = "<image>\n{question}"
     """User turn for VQA tables (`image`, `question`, `answer`|`answers`); `{question}` is filled in."""
+    max_image_pixels: Optional[int] = 89_478_485
+    """Images declaring more pixels (width x height, read from the header before decoding) are skipped and
+    counted as `image_too_large`; the default is Pillow's own limit (~89M, a 9459x9459 image). null: no limit."""
     num_workers: int = 0
     cache_features: bool = False
     """Compute the frozen encoder's outputs once, store them on disk, and skip the encoder afterwards."""
     cache_dir: Optional[str] = None
     """Where the feature cache lives (default: `output_dir/feature_cache`); safe to share between runs."""
+
+    def __post_init__(self) -> None:
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"data.max_image_pixels must be a positive pixel count or null, got {self.max_image_pixels}.")
 
 
 @dataclass
@@ -160,7 +167,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     """Evaluate on `data.eval_files` every N optimizer steps (0: only at the end)."""
-    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go: one name or a list, as with transformers' Trainer (`[tensorboard, wandb]`);
+    `none` or `[]`: nowhere."""
     image_dropout: float = 0.0
     """Drop each training image (and its `<image>` tag) with this probability, so the model learns to answer without it."""
     strategy: Literal["auto", "single", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
@@ -182,6 +191,12 @@ class TrainConfig:
     """`latest` (newest checkpoint in output_dir) or a checkpoint folder; continues exactly where it stopped."""
     max_bad_steps: int = 10
     """Abort after this many consecutive steps with a NaN / inf loss (each one skipped, not applied)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # set in code rather than through the config loader
+            self.report_to = [self.report_to]
+        if "none" in self.report_to and len(set(self.report_to)) > 1:
+            raise ConfigError(f"train.report_to={self.report_to} mixes 'none' with trackers; drop one of them.")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import DataConfig, DataFile
 from .formats import read_samples
 from .processor import VLMProcessor, check_sample, load_images
-from .sample import IMAGE_TAG, SampleError
+from .sample import IMAGE_TAG, DataError, SampleError
 
 
 @dataclass
@@ -22,10 +22,19 @@ class DataReport:
     """Tokens per good sample, image tokens included (empty when no processor was given)."""
     problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     details: dict[str, str] = field(default_factory=dict)
+    coerced: list[str] = field(default_factory=list)
+    """Good samples where a number stood in for text (used as text, but worth knowing)."""
+    coerced_example: str = ""
+    file_errors: list[str] = field(default_factory=list)
+    """Files that could not be read at all, one line each (their samples are not counted)."""
 
     @property
     def bad(self) -> int:
         return sum(len(ids) for ids in self.problems.values())
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.bad or self.file_errors)
 
     def render(self, max_ids: int = 20) -> str:
         lines = [f"samples: {self.samples} ({self.samples - self.bad} good, {self.bad} bad)"]
@@ -42,6 +51,13 @@ class DataReport:
             shown = ", ".join(ids[:max_ids]) + (f", ... (+{len(ids) - max_ids})" if len(ids) > max_ids else "")
             lines.append(f"PROBLEM {category}: {len(ids)} sample(s): {shown}")
             lines.append(f"    e.g. {self.details[category]}")
+        if self.coerced:
+            shown = ", ".join(self.coerced[:max_ids]) + (f", ... (+{len(self.coerced) - max_ids})"
+                                                        if len(self.coerced) > max_ids else "")
+            lines.append(f"NOTE coerced: {len(self.coerced)} sample(s) have a number where text belongs, "
+                         f"used as text: {shown}")
+            lines.append(f"    e.g. {self.coerced_example}")
+        lines += [f"FILE ERROR {message}" for message in self.file_errors]
         return "\n".join(lines)
 
 
@@ -55,7 +71,12 @@ def check_data(
     report = DataReport()
     data = data or DataConfig()
     for file in files:
-        samples, errors = read_samples(file, image_root, caption_prompt=data.caption_prompt, vqa_prompt=data.vqa_prompt)
+        try:
+            samples, errors = read_samples(file, image_root, caption_prompt=data.caption_prompt,
+                                           vqa_prompt=data.vqa_prompt)
+        except DataError as err:  # one unreadable file is reported; the other files are still checked
+            report.file_errors.append(str(err))
+            continue
         report.samples += len(samples) + len(errors)
         for err in errors:
             _record(report, err)
@@ -65,11 +86,15 @@ def check_data(
             try:
                 if processor is None:
                     check_sample(sample, IMAGE_TAG)
-                    load_images(sample)
+                    load_images(sample, data.max_image_pixels)
                 else:
                     report.lengths.append(len(processor(sample)["input_ids"]))
             except SampleError as err:
                 _record(report, err)
+                continue
+            if sample.coerced:
+                report.coerced.append(sample.id)
+                report.coerced_example = report.coerced_example or f"sample '{sample.id}': {sample.coerced[0]}"
     return report
 
 

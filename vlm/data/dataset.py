@@ -14,7 +14,7 @@ from .dropout import drop_images, dropout_generator
 from ..config import DataConfig, DataFile
 from .mixture import read_files
 from .feature_cache import FeatureCache
-from .processor import VLMProcessor
+from .processor import VLMProcessor, probe_images
 from .sample import Sample, SampleError
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 class ConversationDataset(Dataset):
     """Bad samples are dropped and counted at construction (cheap checks) or reported as
     `{"skipped": ...}` items at load time (image decoding), so a run never dies mid-way
-    on one bad record. With `strict=True` the first bad sample raises instead.
+    on one bad record. With `strict=True` the first bad sample raises instead, before step 1:
+    every image's header is read up front then (decoding errors past the header still surface
+    when the image is loaded).
 
     image_dropout: each image is dropped (with its `<image>` tag) with this probability, drawn from
     (seed, epoch, index) so a resumed run sees the same draws; call `set_epoch` at each epoch.
@@ -47,10 +49,20 @@ class ConversationDataset(Dataset):
         self.samples = []
         for sample in samples:
             try:
-                processor.check(sample)
+                processor.check(sample, for_generation)
+                if strict and feature_cache is None:
+                    probe_images(sample, processor.max_image_pixels)
                 self.samples.append(sample)
             except SampleError as err:
                 self._report(err)
+        self.coerced = [s.id for s in self.samples if s.coerced]
+        """Kept samples where a number stood in for text and was used as text."""
+        if self.coerced:
+            example = next(s for s in self.samples if s.coerced)
+            logger.warning(
+                "%d sample(s) have a number where text belongs, used as text (e.g. sample '%s': %s); ids: %s",
+                len(self.coerced), example.id, example.coerced[0], ", ".join(self.coerced[:20]),
+            )
 
     @classmethod
     def from_files(

@@ -109,7 +109,7 @@ class FeatureCache:
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
             try:
-                decoded = load_images(Sample("cache", [], chunk))
+                decoded = load_images(Sample("cache", [], chunk), processor.max_image_pixels)
             except SampleError:
                 continue  # the dataset reports bad images itself
             pixels = torch.stack([processor.image_transform(im) for im in decoded]).to(device)

@@ -13,15 +13,16 @@ file's folder), a PIL image, bytes, `{"bytes", "path"}`, or a `DatasetImage` cel
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
 from ..config import DataConfig, DataFile
 from .hf_datasets import DatasetImage, hf_records, is_hf_source, load_hf_dataset
-from .sample import IMAGE_TAG, ImageRef, Sample, SampleError
+from .sample import IMAGE_TAG, DataError, ImageRef, Sample, SampleError
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 DEFAULT_CAPTION_PROMPT = DataConfig.caption_prompt
@@ -35,11 +36,12 @@ def read_samples(
 ) -> tuple[list[Sample], list[SampleError]]:
     """Read one annotation file or dataset; samples that cannot be parsed come back as errors, not exceptions.
 
+    A file that cannot be read at all (missing, not JSON, not UTF-8) is one `DataError` naming it.
     A `DataFile` entry's weight is ignored here (see `mixture.read_files`).
     """
     path = Path(path.path if isinstance(path, DataFile) else path)
     if not path.exists():
-        raise FileNotFoundError(f"Data file '{path}' does not exist (check data.train_files / data.eval_files).")
+        raise DataError(f"Data file '{path}' does not exist (check data.train_files / data.eval_files).")
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
     if is_hf_source(path):
         dataset, loader = load_hf_dataset(path)
@@ -48,7 +50,7 @@ def read_samples(
         records, container = _json_records(path), None
     samples, errors = [], []
     for index, record in records:
-        sample_id = str(record.get("id", f"{path.name}:{index}")) if isinstance(record, dict) else f"{path.name}:{index}"
+        sample_id = _sample_id(record, path, index)
         try:
             sample = record_to_sample(record, sample_id, root, caption_prompt, vqa_prompt)
         except SampleError as err:
@@ -60,19 +62,42 @@ def read_samples(
     return samples, errors
 
 
+def _sample_id(record: Any, path: Path, index: int) -> str:
+    """The record's own `id` when it is a usable one (text or an integer), else its position in the file."""
+    value = record.get("id") if isinstance(record, dict) else None
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+        return str(value)
+    return f"{path.name}:{index}"
+
+
 def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    text = path.read_text()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"Data file '{path}' cannot be read ({err.strerror or err}).") from None
     if path.suffix == ".jsonl":
-        for index, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    yield index, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield index, {"id": f"{path.name}:line {index + 1}", "__error__": f"invalid JSON ({err.msg})"}
+        for index, line in enumerate(raw.split(b"\n")):
+            if not line.strip():
+                continue
+            try:
+                yield index, json.loads(line.decode("utf-8-sig" if index == 0 else "utf-8"))
+            except UnicodeDecodeError:
+                yield index, {"id": f"{path.name}:line {index + 1}", "__error__": "is not UTF-8 text."}
+            except json.JSONDecodeError as err:
+                yield index, {"id": f"{path.name}:line {index + 1}", "__error__": f"invalid JSON ({err.msg})"}
         return
-    data = json.loads(text)
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"Data file '{path}' is not UTF-8 text (bad byte at line {line}); save it as UTF-8.") from None
+    except json.JSONDecodeError as err:
+        hint = " It looks like JSON Lines (one sample per line): name it .jsonl." if err.msg == "Extra data" else ""
+        raise DataError(
+            f"Data file '{path}' is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.{hint}"
+        ) from None
     if not isinstance(data, list):
-        raise ValueError(f"'{path}' must hold a JSON list of samples (LLaVA format), got {type(data).__name__}.")
+        raise DataError(f"Data file '{path}' must hold a JSON list of samples (LLaVA format), got {_kind(data)}.")
     yield from enumerate(data)
 
 
@@ -80,39 +105,52 @@ def record_to_sample(
     record: Any, sample_id: str, root: Path,
     caption_prompt: str = DEFAULT_CAPTION_PROMPT, vqa_prompt: str = DEFAULT_VQA_PROMPT,
 ) -> Sample:
-    """One record of any kind -> `Sample`; a record that cannot be understood is a `SampleError`."""
+    """One record of any kind -> `Sample`; a record that cannot be understood is a `SampleError`.
+
+    Text fields take strings; a number is used as text and noted in `Sample.coerced`; any other
+    shape (a list, an object, true/false) where text or a turn belongs is a `malformed` sample."""
     if not isinstance(record, dict):
-        raise SampleError(sample_id, "malformed", "is not a JSON object.")
+        raise SampleError(sample_id, "malformed", f"is {_kind(record)}, not a JSON object.")
     if "__error__" in record:
         raise SampleError(sample_id, "malformed", record["__error__"])
     images = record.get("images") if record.get("images") is not None else record.get("image")
     images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
     resolved = [_image_ref(image, root, sample_id) for image in images]
     meta = {k: v for k, v in record.items() if k not in _CONTENT_KEYS and not isinstance(v, (bytes, DatasetImage))}
+    coerced: list[str] = []
+    text = lambda value, where: _as_text(value, where, sample_id, coerced)  # noqa: E731
     if record.get("conversations") is not None:
         messages = []
-        for turn in record["conversations"]:
-            role = LLAVA_ROLES.get(turn.get("from") or turn.get("role") or "")
+        for i, turn in enumerate(_turns(record["conversations"], "conversations", sample_id)):
+            speaker = turn.get("from") or turn.get("role")
+            role = LLAVA_ROLES.get(speaker) if isinstance(speaker, str) else None
             if role is None:
-                raise SampleError(sample_id, "malformed", f"unknown speaker {turn.get('from')!r}; use human / gpt / system.")
-            messages.append({"role": role, "content": str(turn.get("value") or "")})
+                raise SampleError(sample_id, "malformed",
+                                  f"turn {i} has unknown speaker {_short(speaker)}; use human / gpt / system.")
+            messages.append({"role": role, "content": text(turn.get("value"), f"turn {i}'s 'value'")})
         kind = "llava"
     elif record.get("messages") is not None:
-        messages = [{"role": m.get("role") or "", "content": _text(m.get("content") or "")} for m in record["messages"]]
+        messages = [
+            {"role": m.get("role") or "",
+             "content": _content(m.get("content"), f"message {i}'s 'content'", text, sample_id)}
+            for i, m in enumerate(_turns(record["messages"], "messages", sample_id))
+        ]
         kind = "messages"
     elif record.get("question") is not None:
-        answers = _answers(record)
+        answers = _answers(record, text, sample_id)
         if not answers:
             raise SampleError(sample_id, "malformed", "is a VQA row without 'answer' or 'answers'.")
         answer = Counter(answers).most_common(1)[0][0]
-        prompt = _with_image_tags(vqa_prompt.format(question=record["question"]), len(resolved))
+        question = text(record["question"], "'question'")
+        prompt = _with_image_tags(vqa_prompt.format(question=question), len(resolved))
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         meta.pop("answer", None)
         meta["answers"] = answers
         kind = "vqa"
     elif record.get("caption") is not None:
         prompt = _with_image_tags(caption_prompt, len(resolved))
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(record["caption"])}]
+        caption = text(record["caption"], "'caption'")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
         meta.pop("caption", None)
         meta.setdefault("task", "caption")
         kind = "caption"
@@ -121,7 +159,57 @@ def record_to_sample(
             sample_id, "malformed",
             "has none of 'conversations' (LLaVA), 'messages', 'caption' or 'question' (tables).",
         )
-    return Sample(id=sample_id, messages=messages, images=resolved, meta=meta, source_format=kind)
+    return Sample(id=sample_id, messages=messages, images=resolved, meta=meta, source_format=kind, coerced=coerced)
+
+
+_TURN_EXAMPLE = {"conversations": '{"from": "human", "value": "..."}', "messages": '{"role": "user", "content": "..."}'}
+
+
+def _turns(value: Any, key: str, sample_id: str) -> list[dict[str, Any]]:
+    """`conversations` / `messages` must be a list of objects; say which part is not."""
+    if not isinstance(value, list):
+        raise SampleError(sample_id, "malformed",
+                          f"'{key}' is {_kind(value)}; it must be a list of turns like {_TURN_EXAMPLE[key]}.")
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise SampleError(sample_id, "malformed", f"'{key}' turn {i} is {_kind(turn)}; "
+                              f"each turn must be an object like {_TURN_EXAMPLE[key]}.")
+    return value
+
+
+def _as_text(value: Any, where: str, sample_id: str, coerced: list[str]) -> str:
+    """A string as is; null (or a table's empty NaN cell) as empty text, which the checks report as an
+    empty turn; a number as its text, noted in `coerced`; anything else is a malformed sample."""
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        coerced.append(f"{where} is the number {value!r}")
+        return str(value)
+    raise SampleError(sample_id, "malformed", f"{where} is {_kind(value)}, not text; write it as a string.")
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value reads in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {_short(value)}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object with keys " + (", ".join(map(str, list(value)[:5])) or "none")
+    return f"a {type(value).__name__}"
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _image_ref(image: Any, root: Path, sample_id: str) -> ImageRef:
@@ -134,15 +222,24 @@ def _image_ref(image: Any, root: Path, sample_id: str) -> ImageRef:
     raise SampleError(sample_id, "malformed", f"has an image of type {type(image).__name__}; use a path, bytes or PIL image.")
 
 
-def _answers(record: dict[str, Any]) -> list[str]:
+def _answers(record: dict[str, Any], text: Callable[[Any, str], str], sample_id: str) -> list[str]:
     answers = record.get("answers")
     if isinstance(answers, str) and answers.startswith("["):  # a JSON list in a CSV cell
-        answers = json.loads(answers)
+        try:
+            answers = json.loads(answers)
+        except json.JSONDecodeError as err:
+            raise SampleError(sample_id, "malformed",
+                              f"'answers' starts like a JSON list but is not valid JSON ({err.msg}).") from None
     if answers is None:
         answers = [] if record.get("answer") is None else [record["answer"]]
     if not isinstance(answers, list):
         answers = [answers]
-    return [str(a["answer"] if isinstance(a, dict) else a) for a in answers]
+    out = []
+    for i, a in enumerate(answers):
+        if isinstance(a, dict):  # VQAv2 style: {"answer": ..., "answer_confidence": ...}
+            a = a.get("answer", a)
+        out.append(text(a, f"answer {i}"))
+    return out
 
 
 def _with_image_tags(prompt: str, num_images: int) -> str:
@@ -151,14 +248,17 @@ def _with_image_tags(prompt: str, num_images: int) -> str:
     return f"{IMAGE_TAG}\n" * max(missing, 0) + prompt
 
 
-def _text(content: Any) -> str:
+def _content(content: Any, where: str, text: Callable[[Any, str], str], sample_id: str) -> str:
     """Messages content may be a string or a list of {"type": "image"} / {"type": "text"} parts."""
-    if isinstance(content, str):
-        return content
+    if not isinstance(content, list):
+        return text(content, where)
     parts = []
-    for part in content:
+    for k, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise SampleError(sample_id, "malformed", f"{where} part {k} is {_kind(part)}; parts are objects like "
+                              '{"type": "text", "text": "..."} or {"type": "image"}.')
         if part.get("type") == "image":
             parts.append(IMAGE_TAG)
         elif part.get("type") == "text":
-            parts.append(part.get("text") or "")
+            parts.append(text(part.get("text"), f"{where} part {k}"))
     return "".join(parts)

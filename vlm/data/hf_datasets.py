@@ -3,7 +3,8 @@ imagefolder with metadata, webdataset tar shards.
 
 Everything is loaded by the `datasets` library itself (Arrow, memory-mapped). Rows are read
 without their image columns, so building the sample list decodes no image; each image stays a
-`DatasetImage` reference that decodes one cell when the processor asks for it.
+`DatasetImage` reference whose encoded bytes the processor reads, size-checks and decodes itself
+(the same safe path as image files). A source `datasets` cannot read is one `DataError` naming it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 
 import datasets
 import pyarrow.compute as pc
-from PIL import Image
+from .sample import DataError
 
 HF_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tar": "webdataset"}
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "image")
@@ -26,15 +27,19 @@ class DatasetImage:
     """One image cell of a loaded dataset, decoded on demand (the table itself is memory-mapped)."""
 
     view: datasets.Dataset
-    """The dataset restricted to this image's column."""
+    """The dataset restricted to this image's column, in arrow format (cells stay encoded)."""
     row: int
     column: str
     position: int | None = None
     """Index in a list-of-images cell; None for a single-image column."""
 
-    def load(self) -> Image.Image:
-        value = self.view[self.row][self.column]
-        return value if self.position is None else value[self.position]
+    def encoded(self) -> bytes | str:
+        """The cell's encoded image: its bytes, or the file path it points to. Nothing is decoded here."""
+        value = self.view[self.row].column(self.column)[0].as_py()
+        value = value if self.position is None else value[self.position]
+        if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            return value.get("bytes") or value["path"]
+        raise ValueError("the dataset cell holds no image bytes or path")
 
     def __repr__(self) -> str:
         where = "" if self.position is None else f"[{self.position}]"
@@ -47,7 +52,19 @@ def is_hf_source(path: Path) -> bool:
 
 
 def load_hf_dataset(path: Path) -> tuple[datasets.Dataset, str]:
-    """Load with the matching `datasets` builder; returns the dataset and the loader's name."""
+    """Load with the matching `datasets` builder; returns the dataset and the loader's name.
+
+    Whatever `datasets` or Arrow raise on a broken source becomes one `DataError` naming the path."""
+    try:
+        return _load(path)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pyarrow / datasets raise many types on unreadable files
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        raise DataError(f"Data source '{path}' cannot be read by `datasets` ({type(err).__name__}: {detail}).") from None
+
+
+def _load(path: Path) -> tuple[datasets.Dataset, str]:
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -58,7 +75,7 @@ def load_hf_dataset(path: Path) -> tuple[datasets.Dataset, str]:
             files = sorted(str(p) for p in path.glob(f"*{suffix}"))
             if files:
                 return datasets.load_dataset(builder, data_files=files, split="train"), builder
-        raise ValueError(
+        raise DataError(
             f"'{path}' is a folder but not a dataset: expected a save_to_disk folder (dataset_info.json), "
             "an imagefolder with metadata.jsonl, or *.parquet / *.arrow / *.csv / *.tar files."
         )
@@ -72,7 +89,7 @@ def _single_split(loaded: Any, path: Path) -> datasets.Dataset:
             return loaded["train"]
         if len(loaded) == 1:
             return next(iter(loaded.values()))
-        raise ValueError(f"'{path}' holds splits {list(loaded)}; save the one to use as its own folder.")
+        raise DataError(f"'{path}' holds splits {list(loaded)}; save the one to use as its own folder.")
     return loaded
 
 
@@ -86,7 +103,7 @@ def hf_records(dataset: datasets.Dataset) -> Iterator[tuple[int, dict[str, Any]]
             getattr(feature, "feature", None), datasets.Image
         ):
             image_columns[name] = pc.list_value_length(dataset.data.column(name)).to_pylist()
-    views = {name: dataset.select_columns([name]) for name in image_columns}
+    views = {name: dataset.select_columns([name]).with_format("arrow") for name in image_columns}
     text = dataset.remove_columns(list(image_columns)) if image_columns else dataset
     for index, row in enumerate(text):
         record = dict(row)
@@ -104,8 +121,13 @@ def _from_webdataset(record: dict[str, Any]) -> dict[str, Any]:
     """webdataset shards key columns by file extension: `png`/`jpg` image, `json` fields, `txt` caption."""
     out: dict[str, Any] = {"id": record["__key__"]}
     extra = record.get("json")
-    if isinstance(extra, str):
-        extra = json.loads(extra)
+    if isinstance(extra, (str, bytes)):
+        try:
+            extra = json.loads(extra)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return {"id": out["id"], "__error__": f"its .json member is not valid JSON ({err})."}
+    if extra is not None and not isinstance(extra, dict):
+        return {"id": out["id"], "__error__": f"its .json member is a {type(extra).__name__}, not an object."}
     out.update(extra or {})
     for key in WEBDATASET_IMAGE_KEYS:
         if record.get(key) is not None:

@@ -8,18 +8,24 @@ a particular template's role markers look like.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from ..encoders import ImageTransform
+from ..config import DataConfig
 from .sample import ROLES, Sample, SampleError
 
 IGNORE_INDEX = -100
+DEFAULT_MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
 
 
 class VLMProcessor:
@@ -33,6 +39,7 @@ class VLMProcessor:
         tokens_per_image: int,
         max_length: int | None = None,
         truncate_text: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
@@ -42,6 +49,8 @@ class VLMProcessor:
         self.max_length = max_length
         self.truncate_text = truncate_text
         """Over-long samples: cut the text after the last image token (True) or reject them (False)."""
+        self.max_image_pixels = max_image_pixels
+        """Images declaring more pixels are skipped before decoding (`data.max_image_pixels`; None: no limit)."""
 
     def __call__(self, sample: Sample, for_generation: bool = False, with_pixels: bool = True) -> dict[str, Any]:
         """Returns input_ids [seq], labels [seq], pixel_values [num_images, 3, H, W] or None, id.
@@ -50,7 +59,7 @@ class VLMProcessor:
         generation prompt, for `predict` / `generate`.
         with_pixels=False skips image decoding (the caller supplies cached features).
         """
-        self.check(sample)
+        self.check(sample, for_generation)
         messages = sample.prompt_messages() if for_generation else sample.messages
         ids, labels = self.tokenize(messages, add_generation_prompt=for_generation)
         num_images = sum(m["content"].count(self.image_token) for m in messages)
@@ -88,11 +97,12 @@ class VLMProcessor:
             )
         return ids, labels
 
-    def check(self, sample: Sample) -> None:
-        check_sample(sample, self.image_token)
+    def check(self, sample: Sample, for_generation: bool = False) -> None:
+        """Training needs an answer to learn from; generation (predict) does not."""
+        check_sample(sample, self.image_token, needs_answer=not for_generation)
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
-        return load_images(sample)
+        return load_images(sample, self.max_image_pixels)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -143,8 +153,10 @@ class VLMProcessor:
         return out_ids, out_labels
 
 
-def check_sample(sample: Sample, image_token: str) -> None:
-    """Structural checks that need no image decoding; raise `SampleError` naming the sample."""
+def check_sample(sample: Sample, image_token: str, needs_answer: bool = True) -> None:
+    """Structural checks that need no image decoding; raise `SampleError` naming the sample.
+
+    needs_answer: a training sample without an assistant turn has no token to learn from (`no_answer`)."""
     if not sample.messages:
         raise SampleError(sample.id, "empty", "has no messages.")
     expected = "user"
@@ -166,6 +178,10 @@ def check_sample(sample: Sample, image_token: str) -> None:
         if role == "assistant" and image_token in content:
             raise SampleError(sample.id, "image_in_answer", f"assistant message {i} contains {image_token}.")
         expected = "assistant" if role == "user" else "user"
+    if needs_answer and not any(m["role"] == "assistant" for m in sample.messages):
+        raise SampleError(
+            sample.id, "no_answer", "has no assistant turn, so there is nothing to learn; add the answer or drop it.",
+        )
     tags = sum(m["content"].count(image_token) for m in sample.messages)
     if tags != len(sample.images):
         raise SampleError(
@@ -174,31 +190,101 @@ def check_sample(sample: Sample, image_token: str) -> None:
             f"put one {image_token} in the text for each image.",
         )
     for image in sample.images:
+        if isinstance(image, str) and Path(image).is_dir():
+            raise SampleError(sample.id, "missing_image", f"image path '{image}' is a folder, not an image file.")
         if isinstance(image, str) and not Path(image).is_file():
             raise SampleError(
                 sample.id, "missing_image", f"image file '{image}' does not exist (check data.image_root)."
             )
 
 
-def load_images(sample: Sample) -> list[Image.Image]:
-    """Decode every image of a sample; a missing or undecodable file is a `SampleError`."""
-    images = []
+def load_images(sample: Sample, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Image.Image]:
+    """Decode every image of a sample as RGB; any image that cannot be used is a `SampleError` naming it.
+
+    Decoding is third-party code on untrusted bytes, so every failure (not only the expected ones) becomes
+    a skipped sample rather than a dead run. The declared size is checked before any pixel is decoded."""
+    return [_read_image(image, max_pixels, sample.id, decode=True) for image in sample.images]
+
+
+def probe_images(sample: Sample, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Read each image's header only (no pixel decoding): missing, unidentifiable and oversized images
+    are found up front, which is how `data.strict` stops before step 1 rather than mid-run."""
     for image in sample.images:
-        if isinstance(image, Image.Image):
-            images.append(image.convert("RGB"))
-            continue
+        _read_image(image, max_pixels, sample.id, decode=False)
+
+
+def _read_image(image: Any, max_pixels: int | None, sample_id: str, decode: bool) -> Image.Image | None:
+    what = f"image file '{image}'" if isinstance(image, str) else f"image {_describe(image)}"
+    try:
+        return _open_checked(image, max_pixels, sample_id, what, decode)
+    except SampleError:
+        raise
+    except FileNotFoundError:
+        raise SampleError(sample_id, "missing_image", f"{what} does not exist.") from None
+    except IsADirectoryError:
+        raise SampleError(sample_id, "missing_image", f"{what} is a folder, not an image file.") from None
+    except Image.DecompressionBombError as err:
+        raise SampleError(sample_id, "image_too_large", f"{what} is too large to decode safely ({err}); "
+                          "downscale it or raise data.max_image_pixels.") from None
+    except MemoryError:
+        raise SampleError(sample_id, "image_too_large", f"{what} does not fit in memory when decoded.") from None
+    except Exception as err:  # noqa: BLE001 - see load_images
+        raise SampleError(
+            sample_id, "corrupt_image", f"{what} cannot be decoded ({type(err).__name__}: {err})."
+        ) from None
+
+
+def _open_checked(
+    image: Any, max_pixels: int | None, sample_id: str, what: str, decode: bool,
+) -> Image.Image | None:
+    """Open lazily (header only), refuse a declared size over `max_pixels`, then (if `decode`) decode to RGB."""
+    if isinstance(image, Image.Image):
+        _check_pixels(image.size, max_pixels, sample_id, what)
+        return _to_rgb(image) if decode else None
+    if hasattr(image, "encoded"):  # a dataset cell (DatasetImage): its bytes or path, not yet decoded
+        image = image.encoded()
+    with _pillow_limit(max_pixels), Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+        _check_pixels(opened.size, max_pixels, sample_id, what)
+        return _to_rgb(opened) if decode else None
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, sample_id: str, what: str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise SampleError(sample_id, "corrupt_image", f"{what} declares an empty size {width}x{height}.")
+    if max_pixels is not None and width * height > max_pixels:
+        raise SampleError(
+            sample_id, "image_too_large",
+            f"{what} declares {width}x{height} = {width * height:,} pixels, over data.max_image_pixels="
+            f"{max_pixels:,}; downscale it or raise data.max_image_pixels.",
+        )
+
+
+_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int | None) -> Iterator[None]:
+    """Pillow refuses images over twice its own global limit. A configured limit above Pillow's (or none)
+    is ours to enforce: lift Pillow's around this one decode, under a lock, and restore it after."""
+    if max_pixels is not None and (Image.MAX_IMAGE_PIXELS is None or max_pixels <= Image.MAX_IMAGE_PIXELS):
+        yield
+        return
+    with _LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            if hasattr(image, "load") and not isinstance(image, (str, bytes)):  # a dataset cell (DatasetImage)
-                images.append(image.load().convert("RGB"))
-                continue
-            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
-                images.append(opened.convert("RGB"))
-        except FileNotFoundError:
-            raise SampleError(sample.id, "missing_image", f"image file '{image}' does not exist.") from None
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            what = f"image file '{image}'" if isinstance(image, str) else f"image {_describe(image)}"
-            raise SampleError(sample.id, "corrupt_image", f"{what} cannot be decoded ({err}).") from None
-    return images
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for the encoder. 16/32-bit integer images are scaled to 8 bits first: Pillow's own
+    conversion clips them, which turns most 16-bit photos white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # 2-D uint8: mode L
+    return image.convert("RGB")
 
 
 def _describe(image: object) -> str:

@@ -12,7 +12,12 @@ IMAGE_TAG = "<image>"  # where an image sits in the text; LLaVA's convention
 ImageRef = Union[str, Image.Image]
 
 
-class SampleError(ValueError):
+class DataError(ValueError):
+    """A data problem a person can fix (an unreadable file, a strict run's bad sample): the message
+    names the file or sample and what to do; the CLI prints it as one line, without a traceback."""
+
+
+class SampleError(DataError):
     """A bad sample: the message names the sample id, the problem and what to do."""
 
     def __init__(self, sample_id: str, category: str, detail: str) -> None:
@@ -38,6 +43,8 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     source_format: str = ""
     """Which reader produced it (`llava`, `messages`), for data reports."""
+    coerced: list[str] = field(default_factory=list)
+    """Where a number stood in for text and was used as text (e.g. `answer: 2`), so reports can count it."""
 
     def prompt_messages(self) -> list[dict[str, str]]:
         """The conversation up to and including its last user turn: what a model answers at inference."""

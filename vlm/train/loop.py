@@ -152,6 +152,7 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
     maybe_compile(model, config.train.compile)
     model.processor.max_length = config.data.max_length
     model.processor.truncate_text = config.data.truncate_text
+    model.processor.max_image_pixels = config.data.max_image_pixels
 
     cache = build_feature_cache(model, config, env) if config.data.cache_features else None
     train_set = ConversationDataset.from_files(

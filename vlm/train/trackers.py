@@ -9,22 +9,28 @@ from ..config import Config, config_to_dict
 
 
 class Trackers:
+    """Every tracker `train.report_to` names (a list, as with transformers' Trainer; `none` or `[]`: none)."""
+
     def __init__(self, config: Config, output_dir: Path, enabled: bool) -> None:
         self.trackers: list[Any] = []
-        if not enabled or config.train.report_to == "none":
+        if not enabled:
             return
-        if config.train.report_to == "tensorboard":
-            from accelerate.tracking import TensorBoardTracker
+        report_to = config.train.report_to
+        report_to = [report_to] if isinstance(report_to, str) else report_to  # set in code, past the loader
+        names = dict.fromkeys(n for n in report_to if n != "none")  # ordered, without repeats
+        for name in names:
+            if name == "tensorboard":
+                from accelerate.tracking import TensorBoardTracker
 
-            tracker = TensorBoardTracker("vlm", output_dir)
-        else:
-            from accelerate.tracking import WandBTracker
+                tracker = TensorBoardTracker("vlm", output_dir)
+            else:
+                from accelerate.tracking import WandBTracker
 
-            tracker = WandBTracker(output_dir.name)
-        if hasattr(tracker, "start"):
-            tracker.start()
-        tracker.store_init_configuration(_flat(config_to_dict(config)))
-        self.trackers.append(tracker)
+                tracker = WandBTracker(output_dir.name)
+            if hasattr(tracker, "start"):
+                tracker.start()
+            tracker.store_init_configuration(_flat(config_to_dict(config)))
+            self.trackers.append(tracker)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tracker in self.trackers:

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 
-from ...config import Config
+from ...config import Config, ConfigError
 from ..distributed import DistEnv
 from .base import Strategy
 
@@ -45,6 +45,7 @@ def build_strategy(config: Config, env: DistEnv) -> Strategy:
 
         strategy = FSDP2Strategy(config, env)
     elif name in ("zero2", "zero3"):
+        _require_deepspeed(name)
         from .deepspeed import DeepSpeedStrategy
 
         strategy = DeepSpeedStrategy(config, env, stage=int(name[-1]))
@@ -53,6 +54,20 @@ def build_strategy(config: Config, env: DistEnv) -> Strategy:
     strategy.name = name
     logger.info("Strategy %s on %d process(es), device %s.", name, env.world_size, env.device)
     return strategy
+
+
+def _require_deepspeed(name: str) -> None:
+    """Fail before any model is built, in one line that says what to install, rather than with an
+    import traceback from inside the strategy's setup."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        missing = isinstance(err, ModuleNotFoundError) and (err.name or "deepspeed").split(".")[0] == "deepspeed"
+        what = "DeepSpeed is not installed" if missing else f"DeepSpeed cannot be imported ({err})"
+        raise ConfigError(
+            f"train.strategy={name} needs DeepSpeed, but {what}; install it with "
+            "`pip install -e \".[deepspeed]\"`, or choose train.strategy=fsdp2 / ddp."
+        ) from None
 
 
 __all__ = ["Strategy", "STRATEGIES", "build_strategy", "resolve_strategy"]
