@@ -3,7 +3,7 @@
 import pytest
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
 
 from vlm.cli import main
 from vlm.config import ModelConfig
@@ -49,6 +49,37 @@ def test_transformers_llava_gives_our_logits_and_tokens(exported, tmp_path):
     new = llava.generate(**theirs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     theirs_text = processor.batch_decode(new[:, theirs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert [t.strip() for t in theirs_text] == ours_text
+
+
+def test_transformers_message_format_gives_the_same_ids_and_answer(exported):
+    """transformers users send content as a list of parts; the exported template must take it (issue 12)."""
+    ours, folder = exported
+    processor = AutoProcessor.from_pretrained(folder)
+    llava = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    image = Image.new("RGB", (40, 48), (20, 160, 90))
+    question = "What colour is it?"
+    structured = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    plain = [{"role": "user", "content": f"<image>\n{question}"}]
+
+    inputs = processor.apply_chat_template(
+        structured, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    prompt = processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    assert processor.apply_chat_template(structured, add_generation_prompt=True, tokenize=False) == prompt
+    expected = processor(images=image, text=prompt, return_tensors="pt")
+    assert inputs["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert inputs["input_ids"][0].tolist().count(llava.config.image_token_index) == llava.config.image_seq_length
+    torch.testing.assert_close(inputs["pixel_values"], expected["pixel_values"])
+
+    new = llava.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    theirs = processor.decode(new[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert theirs == ours.generate([image], question, max_new_tokens=8, min_new_tokens=8)
+    assert theirs, "eight greedy tokens decode to some text"
+
+    # The saved VLM folder's own tokenizer takes both forms too, and renders them identically.
+    tokenizer = AutoTokenizer.from_pretrained(folder.parent / "ours")
+    text_only = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert tokenizer.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False) == prompt
 
 
 def test_non_llava_shapes_are_refused_with_the_reason(backbones, tmp_path, capsys):
