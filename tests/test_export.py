@@ -1,5 +1,7 @@
 """The llava-hf export must load in plain transformers and compute exactly what our model computes."""
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -9,6 +11,8 @@ from vlm.cli import main
 from vlm.config import ModelConfig
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
+from vlm.hub.export import export_llava_hf
+from vlm.lm import LEGACY_CHAT_TEMPLATE
 from vlm.model import VLM
 
 
@@ -80,6 +84,30 @@ def test_transformers_message_format_gives_the_same_ids_and_answer(exported):
     tokenizer = AutoTokenizer.from_pretrained(folder.parent / "ours")
     text_only = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     assert tokenizer.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False) == prompt
+
+
+def test_an_lm_template_that_takes_only_strings_is_kept_with_a_warning(exported, tmp_path, caplog):
+    ours, _ = exported
+    own = ours.tokenizer.chat_template
+    ours.tokenizer.chat_template = LEGACY_CHAT_TEMPLATE  # stands for an LM's own string-only template
+    try:
+        export_llava_hf(ours, tmp_path / "llava")
+    finally:
+        ours.tokenizer.chat_template = own
+    assert AutoProcessor.from_pretrained(tmp_path / "llava").chat_template == LEGACY_CHAT_TEMPLATE
+    assert "must pass content as a string containing <image>" in caplog.text
+
+
+def test_a_folder_saved_with_the_old_string_only_template_takes_parts_once_loaded(exported, tmp_path):
+    _, folder = exported
+    old = tmp_path / "old"
+    shutil.copytree(folder.parent / "ours", old)
+    (old / "chat_template.jinja").write_text(LEGACY_CHAT_TEMPLATE)
+    assert AutoTokenizer.from_pretrained(old).chat_template == LEGACY_CHAT_TEMPLATE
+    tokenizer = VLM.from_pretrained(old).tokenizer
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    plain = [{"role": "user", "content": "<image>\nHi"}]
+    assert tokenizer.apply_chat_template(parts, tokenize=False) == tokenizer.apply_chat_template(plain, tokenize=False)
 
 
 def test_non_llava_shapes_are_refused_with_the_reason(backbones, tmp_path, capsys):
