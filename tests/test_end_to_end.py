@@ -1,6 +1,9 @@
 """Train the tiny VLM for a few dozen steps through the real entry points; the loss must fall."""
 
+import contextlib
+import io
 import json
+import re
 
 import pytest
 
@@ -34,7 +37,11 @@ train:
 output_dir: {out}
 """
     )
-    assert main(["train", str(config), "train.seed=1"]) == 0
+    # Captured like CI / SLURM / nohup output: not a terminal. The log is kept for the test below.
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        assert main(["train", str(config), "train.seed=1"]) == 0
+    (out / "captured.log").write_text(log.getvalue())
     return out
 
 
@@ -44,6 +51,20 @@ def test_loss_falls_substantially(trained):
     assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
     assert summary["eval_loss"] < summary["first_loss"]
     assert list(trained.rglob("events.out.tfevents.*")), "TensorBoard logs are written by default"
+
+
+def test_log_outside_a_terminal_has_a_few_progress_lines_not_a_bar_per_step(trained):
+    log = (trained / "captured.log").read_text()
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert "\r" not in log, "no tqdm redraws in a captured log"
+    progress = [line for line in log.splitlines() if line.startswith("train ")]
+    steps = [int(re.match(r"train (\d+)/40 ", line).group(1)) for line in progress]
+    # train.log_every (10) steps apart, plus the first step and one line per 30 s of a slow machine.
+    assert {1, 10, 20, 30, 40} <= set(steps), log
+    assert len(progress) <= 5 + summary["train_seconds"] // 30, log
+    for line in progress:
+        assert re.search(r"loss=\d+\.\d{4} lr=\d\.\d\de[+-]\d\d tok_s=\d+ \| [\d.]+ step/s, elapsed ", line), line
+    assert "step 20: eval loss" in log
 
 
 def test_final_model_predicts_and_evaluates(trained, synthetic, capsys):

@@ -11,13 +11,44 @@ logger = logging.getLogger(__name__)
 
 # Used only when the tokenizer ships no chat template of its own. ChatML, the format of
 # Qwen / SmolLM / many instruct models: `<|im_start|>{role}\n{content}<|im_end|>\n` per message.
-DEFAULT_CHAT_TEMPLATE = (
+# `content` is a string (this project's samples) or a list of parts, as transformers and serving stacks
+# send it: `{"type": "text", "text": ...}` renders as its text, `{"type": "image"}` as the image token,
+# parts joined by newlines, so `[image, text]` renders exactly as the string `"<image>\n" + text`.
+_CHATML = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if not loop.first -%}{{ '\n' }}{%- endif -%}"
+    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- elif part['type'] == 'image' -%}{{ @IMAGE@ }}"
+    "{%- else -%}{{ raise_exception('Content parts of type ' + part['type'] + ' are not supported; "
+    "use text and image parts.') }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+# What earlier versions wrote into saved folders: string content only. Loading such a folder upgrades it.
+LEGACY_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def chat_template(image_token: str) -> str:
+    """The project's ChatML template, with `image_token` as what an image part renders to."""
+    literal = "'" + image_token.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return _CHATML.replace("@IMAGE@", literal)
+
+
+def upgrade_chat_template(tokenizer: PreTrainedTokenizerBase, image_token: str) -> None:
+    """A folder saved with the old string-only template gets the current one; other templates stay."""
+    if tokenizer.chat_template == LEGACY_CHAT_TEMPLATE:
+        tokenizer.chat_template = chat_template(image_token)
 
 
 def load_language_model(
@@ -39,7 +70,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str) -> s
     end_of_turn = None
     if not tokenizer.chat_template:
         logger.info("Tokenizer has no chat template: using the project's default (ChatML).")
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer.chat_template = chat_template(image_token)
         added += [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
         end_of_turn = "<|im_end|>"
     tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)

@@ -22,7 +22,7 @@ from .data.processor import IGNORE_INDEX, VLMProcessor
 from .data.sample import Sample
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
 from .fusion import Fusion, build_fusion
-from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
+from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer, upgrade_chat_template
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -239,5 +239,6 @@ def _saved_parts(directory: Path) -> tuple[ModelConfig, VisionEncoder, PreTraine
         config.vision_drop_prefix_tokens, config.trust_remote_code,
     )
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
+    upgrade_chat_template(tokenizer, config.image_token)
     lm_config = AutoConfig.from_pretrained(directory / "lm", trust_remote_code=config.trust_remote_code)
     return config, vision, tokenizer, lm_config

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from ..progress import progress_bar
+
 
 STRATEGY_OVERRIDES: dict[str, list[str]] = {
     "early": ["model.fusion=early"],
@@ -188,7 +189,7 @@ def bench_fusion(
               f"{base.train.batch_size}, seed {base.train.seed}, test data `{data}`; overrides: "
               f"{' '.join(overrides) or 'none'}.")
     rows: list[dict[str, Any]] = []
-    for strategy in (progress := tqdm(strategies, desc="bench fusion", unit="strategy")):
+    for strategy in (progress := progress_bar(strategies, desc="bench fusion", unit="strategy", every=1)):
         progress.set_postfix(strategy=strategy)
         run_dir = out / strategy
         run_dir.mkdir(parents=True, exist_ok=True)

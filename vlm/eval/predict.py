@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.formats import read_samples
 from ..model import VLM
+from ..progress import progress_bar
 from .metrics import compute_metrics, infer_task
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def predict(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as handle, torch.inference_mode():
-        for batch in tqdm(loader, desc="predict"):
+        for batch in progress_bar(loader, desc="predict", unit="batch"):
             for item in batch["skipped"]:
                 logger.warning("Skipping sample '%s': %s", item["skipped"], item["detail"])
             if "input_ids" not in batch:

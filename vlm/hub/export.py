@@ -6,6 +6,7 @@ Possible when the VLM is LLaVA-shaped: a transformers vision tower (CLIP / SigLI
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 
 from ..atomic import atomic_directory
 from ..model import VLM
+
+logger = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -68,10 +71,26 @@ def export_llava_hf(model: VLM, out: str | Path) -> Path:
         image_token=model.config.image_token,
         num_additional_image_tokens=extra_tokens,
     )
+    _warn_if_template_takes_only_strings(processor, model.config.image_token)
     with atomic_directory(out) as tmp:
         llava.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out)
+
+
+def _warn_if_template_takes_only_strings(processor: LlavaProcessor, image_token: str) -> None:
+    """The LM's own chat template is exported as it is; say so when it rejects transformers' message format."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    try:
+        ok = image_token in processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - any template failure means the same thing here
+        ok = False
+    if not ok:
+        logger.warning(
+            "The exported chat template (the LM tokenizer's own) does not render list-of-parts content with "
+            "%s for image parts; transformers users must pass content as a string containing %s.",
+            image_token, image_token,
+        )
 
 
 def _grid_tokens(vision) -> int:

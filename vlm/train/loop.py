@@ -18,7 +18,6 @@ from typing import Any, Iterator
 import torch
 import yaml
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from ..config import Config, config_to_dict
@@ -34,6 +33,7 @@ from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, tea
 from .freezing import apply_stage
 from .lora import save_final
 from .optim import build_optimizer
+from ..progress import Progress, progress_bar
 from .sampler import ResumableSampler
 from .sharding import Strategy, build_strategy
 from .signals import StopRequest
@@ -206,7 +206,8 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
         per_step = config.train.grad_accum
         consecutive_bad, stopped, started = 0, False, time.perf_counter()
         tokens_seen, last_good = 0, []
-        progress = tqdm(total=config.train.max_steps, initial=state["step"], disable=not env.is_main, desc="train")
+        progress = progress_bar(total=config.train.max_steps, initial=state["step"], disable=not env.is_main,
+                                desc="train", every=config.train.log_every, unit="step")
         module.train()
         with StopRequest() as stop:
             steps = _micro_batches(train_loader, sampler, train_set, state, per_step, config.train.batch_size)
@@ -330,11 +331,11 @@ def _zero_weight(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log_step(state: dict[str, Any], result: dict[str, Any], scheduler: Any, trackers: "Trackers",
-              progress: tqdm, config: Config, tokens_seen: int, started: float, env: DistEnv) -> None:
+              progress: Progress, config: Config, tokens_seen: int, started: float, env: DistEnv) -> None:
     lr = scheduler.get_last_lr()[0]
     rate = tokens_seen * env.world_size / max(time.perf_counter() - started, 1e-9)
-    progress.update(1)
     progress.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+    progress.update(1)  # after the fields: outside a terminal, update prints the line
     state["history"].append({"step": state["step"], "loss": result["loss"], "lr": lr,
                              "grad_norm": result["grad_norm"]})
     if state["step"] % config.train.log_every == 0 or state["step"] == 1:
