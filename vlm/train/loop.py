@@ -22,6 +22,7 @@ from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from ..config import Config, config_to_dict
 from ..data.collator import Collator
+from ..data.sample import DataError
 from ..data.dataset import ConversationDataset
 from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
@@ -160,7 +161,8 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
         feature_cache=cache, image_dropout=config.train.image_dropout, seed=config.train.seed, data=config.data,
     )
     if len(train_set) == 0:
-        raise ValueError(f"No usable training samples in {config.data.train_files} ({dict(train_set.problems)}).")
+        raise DataError(f"No usable training samples in {config.data.train_files} ({dict(train_set.problems)}); "
+                        "run `vlm data check` on them.")
     pad = model.tokenizer.pad_token_id
     if config.data.group_by_length:
         lengths = estimate_lengths(train_set.samples, model.processor)
@@ -205,7 +207,7 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
 
         per_step = config.train.grad_accum
         consecutive_bad, stopped, started = 0, False, time.perf_counter()
-        tokens_seen, last_good = 0, []
+        tokens_seen, last_good = 0, [_first_readable_batch(train_set, pad)]
         progress = progress_bar(total=config.train.max_steps, initial=state["step"], disable=not env.is_main,
                                 desc="train", every=config.train.log_every, unit="step")
         module.train()
@@ -279,6 +281,17 @@ def _micro_batches(
         state["batches_in_epoch"] = 0
 
 
+def _first_readable_batch(dataset: ConversationDataset, pad_token_id: int) -> dict[str, Any]:
+    """A one-sample batch of the first sample that loads: what a micro-batch whose samples all fail to load
+    is replaced by (at weight 0, so every rank still runs the same collectives). Found before step 1, so
+    a run whose data cannot be loaded at all stops there, in one line."""
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if "skipped" not in item:
+            return Collator(pad_token_id, "right")([item])
+    raise DataError(f"None of the {len(dataset)} training samples could be loaded; run `vlm data check` on them.")
+
+
 def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: Config, env: DistEnv,
           state: dict[str, Any], stop: StopRequest, last_good: list[dict[str, Any]]) -> dict[str, Any]:
     """One optimizer step over `micro` (this rank's micro-batches). Collectives, in the same order on every
@@ -296,10 +309,8 @@ def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: C
         ids += list(batch.get("ids", []))
         if "input_ids" in batch:
             last_good[:] = [batch]
-        elif last_good:  # every sample of this micro-batch was unreadable: rerun a good one at weight 0
+        else:  # every sample of this micro-batch was unreadable: rerun a good one at weight 0
             batch = _zero_weight(last_good[0])
-        else:
-            raise ValueError(f"The first batch on rank {env.rank} has no readable sample: {batch['skipped']}")
         inputs = to_device(with_placeholder(model_inputs(batch), model, config.data.cache_features), env.device)
         with strategy.micro_batch(last=i == len(micro) - 1):
             with strategy.autocast():
