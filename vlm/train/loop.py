@@ -164,6 +164,9 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
         raise DataError(f"No usable training samples in {config.data.train_files} ({dict(train_set.problems)}); "
                         "run `vlm data check` on them.")
     pad = model.tokenizer.pad_token_id
+    # Before config.yaml is written: that file tells a launcher (and the preemption test) that the
+    # SIGTERM handler is about to be installed and the first step follows at once.
+    first_good = _first_readable_batch(train_set, pad)
     if config.data.group_by_length:
         lengths = estimate_lengths(train_set.samples, model.processor)
         sampler = LengthGroupedSampler(lengths, config.train.batch_size, env.world_size, env.rank,
@@ -207,7 +210,7 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
 
         per_step = config.train.grad_accum
         consecutive_bad, stopped, started = 0, False, time.perf_counter()
-        tokens_seen, last_good = 0, [_first_readable_batch(train_set, pad)]
+        tokens_seen, last_good = 0, [first_good]
         progress = progress_bar(total=config.train.max_steps, initial=state["step"], disable=not env.is_main,
                                 desc="train", every=config.train.log_every, unit="step")
         module.train()
