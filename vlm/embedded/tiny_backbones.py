@@ -1,7 +1,7 @@
 """Tiny, locally pre-trained vision and language backbones: the embedded default.
 
 No weights can be downloaded, so the quickstart builds its own stand-ins for a hub ViT
-(timm; plus a transformers SigLIP tower, `vlm/tiny_siglip.py`) and a hub Llama. Each is
+(timm; plus a transformers SigLIP tower, `vlm/embedded/tiny_siglip.py`) and a hub Llama. Each is
 briefly pre-trained on the synthetic shapes domain (so the frozen ViT's patch features
 already carry colour/shape/size/count/position, as a real pretrained tower's would) and
 saved in its library's own format, so the rest of the project loads them exactly as it
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import save_for_hf
 
-from vlm.data.synthetic import COLOURS, COUNTS, POSITIONS, SHAPES, SIZES, random_scene, render_scene, text_corpus
+from .synthetic import COLOURS, COUNTS, POSITIONS, SHAPES, SIZES, random_scene, render_scene, text_corpus
 
 logger = logging.getLogger(__name__)
 
