@@ -17,9 +17,9 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..constants import ADAPTER_META
+
 CARD_NAME = "README.md"
-ADAPTER_META = "vlm_adapter.json"
-"""Marks an adapter-only folder (`vlm.train.lora.save_adapter`): LoRA weights over a base VLM."""
 LIBRARY_NAME = "vlm"
 PIPELINE_TAG = "image-text-to-text"
 LOCAL_PLACEHOLDER = "path/to/this/folder"
