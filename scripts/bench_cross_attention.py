@@ -21,7 +21,7 @@ from vlm.config import ModelConfig
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
 from vlm.model import VLM
-from vlm.tiny_backbones import make_tiny_backbones
+from vlm.embedded.tiny_backbones import make_tiny_backbones
 
 
 def decode_seconds_per_token(run, new_tokens: int, repeats: int) -> float:

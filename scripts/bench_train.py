@@ -64,7 +64,7 @@ from vlm.data.collator import Collator  # noqa: E402
 from vlm.data.sample import Sample  # noqa: E402
 from vlm.hub.export import export_llava_hf  # noqa: E402
 from vlm.model import VLM  # noqa: E402
-from vlm.tiny_backbones import build_tokenizer, english_text  # noqa: E402
+from vlm.embedded.tiny_backbones import build_tokenizer, english_text  # noqa: E402
 from vlm.train.freezing import apply_stage  # noqa: E402
 
 hf_logging.disable_progress_bar()

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from vlm.data.synthetic import make_synthetic_dataset
+from vlm.embedded.synthetic import make_synthetic_dataset
 
 
 def main(argv: list[str] | None = None) -> None:

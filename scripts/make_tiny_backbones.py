@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from vlm.tiny_backbones import make_tiny_backbones
+from vlm.embedded.tiny_backbones import make_tiny_backbones
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,14 +15,14 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny timm ViT and a tiny Llama LM (briefly pre-trained), saved in their libraries' formats."""
-    from vlm.tiny_backbones import make_tiny_backbones
+    from vlm.embedded.tiny_backbones import make_tiny_backbones
 
     return make_tiny_backbones(tmp_path_factory.mktemp("backbones"), vit_steps=30, lm_steps=30, seed=0)
 
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from vlm.data.synthetic import make_synthetic_dataset
+    from vlm.embedded.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("data"), n_train=96, n_eval=16, n_test=8, seed=0)
 

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_model
 
+from vlm.constants import WEIGHTS_NAME
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
 from vlm.fusion.decoder_layers import PreLayerWrapper
-from vlm.model import WEIGHTS_NAME, VLM
+from vlm.model import VLM
 
 torch.set_num_threads(1)
 

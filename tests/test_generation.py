@@ -20,7 +20,7 @@ import torch
 from vlm.config import load_config
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.data.synthetic import Scene, caption, render_scene
+from vlm.embedded.synthetic import Scene, caption, render_scene
 from vlm.model import VLM
 from vlm.train import train
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm.data.synthetic import (
+from vlm.embedded.synthetic import (
     COLOURS,
     POSITIONS,
     QUESTION_TYPES,

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from vlm.data.synthetic import text_corpus
-from vlm.tiny_backbones import HEADS, IMAGE_SIZE, VIT_ARGS, lm_loss, make_tiny_backbones, vit_heldout_pool
+from vlm.embedded.pretrain import HEADS, IMAGE_SIZE, vit_heldout_pool
+from vlm.embedded.synthetic import text_corpus
+from vlm.embedded.tiny_backbones import VIT_ARGS, lm_loss, make_tiny_backbones
 
 SEED = 3
 
@@ -127,8 +128,8 @@ def test_lm_pretraining_learns_the_corpus(backbones) -> None:
 def test_siglip_tower_loads_through_load_vision_encoder_with_its_weights(backbones) -> None:
     from transformers import SiglipVisionModel
 
+    from vlm.embedded.tiny_siglip import SIGLIP_CONFIG
     from vlm.encoders import load_vision_encoder
-    from vlm.tiny_siglip import SIGLIP_CONFIG
 
     paths, report = backbones
     encoder = load_vision_encoder(str(paths["siglip"]))  # a local transformers folder, loaded as hub ids are

@@ -17,14 +17,13 @@ from transformers import (
 
 from .atomic import atomic_directory
 from .config import ModelConfig, config_to_dict, from_dict
+from .constants import WEIGHTS_NAME
 from .data.collator import Collator
 from .data.processor import IGNORE_INDEX, VLMProcessor
 from .data.sample import Sample
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
 from .fusion import Fusion, build_fusion
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer, upgrade_chat_template
-
-WEIGHTS_NAME = "model.safetensors"
 
 
 class VLMFolderConfig(PretrainedConfig):

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..embedded.synthetic import QUESTION_TYPES
 from ..progress import progress_bar
 
 
@@ -31,7 +32,6 @@ STRATEGY_OVERRIDES: dict[str, list[str]] = {
     "late": ["model.fusion=late"],
 }
 """Per-strategy settings applied before the user's overrides; any other name means `model.fusion=<name>`."""
-QUESTION_TYPES = ("colour", "shape", "position", "size", "count")
 
 
 def strategy_overrides(strategy: str) -> list[str]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -21,6 +19,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_file
 from ..encoders import VisionEncoder
 from .processor import VLMProcessor, load_images
 from .sample import ImageRef, Sample, SampleError
@@ -83,11 +82,8 @@ class FeatureCache:
 
     def put(self, image: ImageRef, features: torch.Tensor) -> None:
         path = self._path(self.key(image))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"features": features.detach().cpu().contiguous()}, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({"features": features.detach().cpu().contiguous()}, str(tmp))
 
     @torch.no_grad()
     def fill(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,9 +16,10 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..atomic import write_text_atomic
+from ..constants import ADAPTER_META
+
 CARD_NAME = "README.md"
-ADAPTER_META = "vlm_adapter.json"
-"""Marks an adapter-only folder (`vlm.train.lora.save_adapter`): LoRA weights over a base VLM."""
 LIBRARY_NAME = "vlm"
 PIPELINE_TAG = "image-text-to-text"
 LOCAL_PLACEHOLDER = "path/to/this/folder"
@@ -145,21 +145,8 @@ def write_model_card(
     """Write `folder/README.md` (replacing any old one in a single rename) and return its path."""
     card = build_model_card(folder, train_config, metrics, repo_id, datasets)
     path = Path(folder) / CARD_NAME
-    _write_atomic(path, str(card))
+    write_text_atomic(path, str(card))
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling and rename it over `path`: readers never see half a card."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a card is for everyone to read
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def loading_snippet(repo_id: Optional[str], adapter: bool = False) -> str:
@@ -211,7 +198,7 @@ def point_card_at_repo(folder: str | Path, repo_id: str) -> bool:
     if old_name:
         text = text.replace(f"# {old_name}\n", f"# {new_name}\n", 1)
     card.text, card.data.model_name = text, new_name
-    _write_atomic(path, str(card))
+    write_text_atomic(path, str(card))
     return True
 
 

@@ -21,11 +21,11 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .model_card import ADAPTER_META, CARD_NAME, point_card_at_repo, write_model_card
+from ..constants import ADAPTER_META, WEIGHTS_NAME
+from .model_card import CARD_NAME, point_card_at_repo, write_model_card
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
 IGNORE_PATTERNS = ["*.pkl", "*.pt", "*.pth", "*.bin", "*.ckpt", ".*", "*/.*"]
 """Never published: pickled objects (optimizer / RNG state, torch checkpoints) and hidden temporary files."""
 

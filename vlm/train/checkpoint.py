@@ -21,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ..atomic import replace_directory
 from ..config import Config, config_to_dict
 from .distributed import DistEnv, barrier
 from .sharding import Strategy
@@ -70,9 +71,7 @@ def save_checkpoint(
     if env.is_main:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "world_size": env.world_size}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_directory(tmp, final)
         if save_total_limit:
             for old in list_checkpoints(output_dir)[:-save_total_limit]:
                 if old != final:

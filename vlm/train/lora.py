@@ -24,10 +24,10 @@ from torch import nn
 
 from ..atomic import atomic_directory
 from ..config import LoraConfig, ModelConfig, config_to_dict, from_dict
+from ..constants import ADAPTER_META
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_META = "vlm_adapter.json"
 NON_LM_WEIGHTS = "non_lm.safetensors"
 
 

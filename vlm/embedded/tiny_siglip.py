@@ -16,13 +16,13 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 from transformers.image_utils import PILImageResampling
 
-from .tiny_backbones import (
-    HEADS, IMAGE_SIZE, _scene_pool, _vit_loss, fit_on_scenes, pixel_normalizer, pretraining_summary,
+from .pretrain import (
+    HEADS, IMAGE_SIZE, PATCH_SIZE, fit_on_scenes, heldout_accuracy, pixel_normalizer, pretraining_summary, scene_pool,
     vit_heldout_pool,
 )
 
 SIGLIP_CONFIG = dict(
-    image_size=IMAGE_SIZE, patch_size=8, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+    image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
     num_attention_heads=4,
 )
 
@@ -61,19 +61,13 @@ def pretrain_siglip(
             build_sincos2d_pos_embed([grid, grid], config.hidden_size)
         )
     model = _SiglipPretrainer(tower)
-    train_x, train_y, train_mask = _scene_pool(min(max(steps, 1) * batch_size, 2048), random.Random(f"siglip:{seed}"))
+    train_x, train_y, train_mask = scene_pool(min(max(steps, 1) * batch_size, 2048), random.Random(f"siglip:{seed}"))
     test_x, test_y, test_mask = vit_heldout_pool(seed, n=256)
     mean, std, prep = pixel_normalizer(train_x)
 
     losses = fit_on_scenes(model, prep, train_x, train_y, train_mask, steps, lr, batch_size, seed)
 
-    model.eval()
-    with torch.no_grad():
-        _, head, probe = _vit_loss(model, prep(test_x), test_y, test_mask)
-    accuracy = {
-        kind: {k: round(c / max(n, 1), 4) for k, (c, n) in stats.items()}
-        for kind, stats in (("head", head), ("patch_probe", probe))
-    }
+    accuracy = heldout_accuracy(model, prep, test_x, test_y, test_mask)
     tower.save_pretrained(out_dir, safe_serialization=True)
     SiglipImageProcessor(
         do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=PILImageResampling.BICUBIC,

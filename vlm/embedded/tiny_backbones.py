@@ -1,7 +1,7 @@
 """Tiny, locally pre-trained vision and language backbones: the embedded default.
 
 No weights can be downloaded, so the quickstart builds its own stand-ins for a hub ViT
-(timm; plus a transformers SigLIP tower, `vlm/tiny_siglip.py`) and a hub Llama. Each is
+(timm; plus a transformers SigLIP tower, `vlm/embedded/tiny_siglip.py`) and a hub Llama. Each is
 briefly pre-trained on the synthetic shapes domain (so the frozen ViT's patch features
 already carry colour/shape/size/count/position, as a real pretrained tower's would) and
 saved in its library's own format, so the rest of the project loads them exactly as it
@@ -17,30 +17,24 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import save_for_hf
 
-from vlm.data.synthetic import COLOURS, COUNTS, POSITIONS, SHAPES, SIZES, random_scene, render_scene, text_corpus
+from .pretrain import (
+    HEADS, IMAGE_SIZE, PATCH_SIZE, fit_on_scenes, head_mean, heldout_accuracy, lr_at, pixel_normalizer,
+    pretraining_summary, scene_pool, tail_mean, vit_heldout_pool,
+)
+from .synthetic import text_corpus
+from .tiny_siglip import pretrain_siglip
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SIZE = 64
 VIT_ARCH = "vit_tiny_patch16_224"  # registered name; model_args below override its shape
-VIT_ARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=128, depth=4, num_heads=4, global_pool="token")
-# One classifier over the concatenated label groups; loss and accuracy are per group.
-HEADS: dict[str, list[str]] = {
-    "colour": list(COLOURS),
-    "shape": list(SHAPES),
-    "size": list(SIZES),
-    "count": [str(c) for c in COUNTS],
-    "position": list(POSITIONS),
-}
+VIT_ARGS = dict(img_size=IMAGE_SIZE, patch_size=PATCH_SIZE, embed_dim=128, depth=4, num_heads=4, global_pool="token")
 LM_CONFIG = dict(
     hidden_size=192,
     intermediate_size=512,
@@ -51,7 +45,6 @@ LM_CONFIG = dict(
     tie_word_embeddings=True,
 )
 LM_VOCAB = 1024
-MASK_WEIGHT = 4.0
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 
 # Generic words so the tokenizer has merges for ordinary English, not only the shapes domain.
@@ -113,53 +106,6 @@ def build_tokenizer(texts: list[str], vocab_size: int = LM_VOCAB):
     )
 
 
-def _lr_at(step: int, steps: int, peak: float) -> float:
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def _scene_pool(n: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`n` rendered scenes: uint8 images (n, 3, H, W), scene labels (n, groups; -100 = undefined)
-    and per-patch object masks (n, patches, patch_size**2)."""
-    patch = VIT_ARGS["patch_size"]
-    grid = IMAGE_SIZE // patch
-    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    labels = torch.empty((n, len(HEADS)), dtype=torch.long)
-    for i in range(n):
-        scene = random_scene(rng)
-        images[i] = np.asarray(render_scene(scene, IMAGE_SIZE, rng))
-        values = [scene.colour, scene.shape, scene.size, str(scene.count), scene.position]
-        labels[i] = torch.tensor([HEADS[k].index(v) if v is not None else -100 for k, v in zip(HEADS, values)])
-    # The background is grey and every palette colour is saturated, so saturation marks objects.
-    saturated = (images.max(-1).astype(np.int16) - images.min(-1)) > 60
-    masks = saturated.reshape(n, grid, patch, grid, patch).transpose(0, 1, 3, 2, 4)
-    masks = masks.reshape(n, grid * grid, patch * patch)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, torch.from_numpy(masks)
-
-
-def vit_heldout_pool(seed: int, n: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The held-out scenes that `pretrain_vit` reports accuracy on (reproducible for checks)."""
-    return _scene_pool(n, random.Random(f"vit-heldout:{seed}"))
-
-
-def _multi_head_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
-    """Sum of per-group cross-entropies, and (correct, total) per group."""
-    loss = logits.new_zeros(())
-    stats: dict[str, tuple[int, int]] = {}
-    start = 0
-    for g, (name, classes) in enumerate(HEADS.items()):
-        part, target = logits[:, start : start + len(classes)], labels[:, g]
-        start += len(classes)
-        valid = target != -100
-        if valid.any():
-            loss = loss + F.cross_entropy(part[valid], target[valid])
-        correct = (part.argmax(-1) == target)[valid].sum().item()
-        stats[name] = (int(correct), int(valid.sum().item()))
-    return loss, stats
-
-
 class _ViTPretrainer(torch.nn.Module):
     """Classifier on the class token plus a dense probe on every patch token of the
     penultimate block, the layer the VLM reads (encoders' default feature_layer=-2).
@@ -171,7 +117,7 @@ class _ViTPretrainer(torch.nn.Module):
         super().__init__()
         self.vit = vit
         dim, n_classes = vit.embed_dim, vit.num_classes
-        n_out = n_classes + VIT_ARGS["patch_size"] ** 2
+        n_out = n_classes + PATCH_SIZE**2
         self.probe = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, n_out))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,69 +128,6 @@ class _ViTPretrainer(torch.nn.Module):
             if i == len(vit.blocks) - 2:
                 dense = self.probe(h[:, vit.num_prefix_tokens :])
         return vit.forward_head(vit.norm(h)), dense
-
-
-def _vit_loss(model: _ViTPretrainer, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor):
-    """Class-token heads + the same heads on every patch + each patch's own object mask."""
-    logits, dense = model(x)
-    loss, stats = _multi_head_loss(logits, y)
-    n_classes, n_patches = logits.shape[-1], dense.shape[1]
-    per_patch_y = y.repeat_interleave(n_patches, 0)
-    dense_loss, dense_stats = _multi_head_loss(dense[..., :n_classes].flatten(0, 1), per_patch_y)
-    mask_logits = dense[..., n_classes:]
-    mask_loss = F.binary_cross_entropy_with_logits(mask_logits, masks.float())
-    dense_stats["pixel_mask"] = (int(((mask_logits > 0) == masks).sum().item()), masks.numel())
-    return loss + dense_loss + MASK_WEIGHT * mask_loss, stats, dense_stats
-
-
-def pixel_normalizer(
-    train_x: torch.Tensor,
-) -> tuple[tuple[float, ...], tuple[float, ...], Callable[[torch.Tensor], torch.Tensor]]:
-    """Per-channel mean / std of uint8 scenes [n, 3, H, W] (rounded, as saved in the preprocessing
-    config) and the function that normalises a uint8 batch with them."""
-    pixels = train_x.float().div(255).transpose(0, 1).reshape(3, -1)
-    mean = tuple(round(v, 3) for v in pixels.mean(1).tolist())
-    std = tuple(round(v, 3) for v in pixels.std(1).tolist())
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - mean_t) / std_t
-
-    return mean, std, prep
-
-
-def pretraining_summary(steps: int, losses: list[float], accuracy: dict, mean: tuple, std: tuple) -> dict:
-    """What `pretraining.json` records for each tower."""
-    return {
-        "steps": steps,
-        "first_loss": _head_mean(losses),
-        "final_loss": _tail_mean(losses),
-        "heldout_accuracy": accuracy,
-        "mean": list(mean),
-        "std": list(std),
-    }
-
-
-def fit_on_scenes(
-    model: torch.nn.Module, prep: Callable[[torch.Tensor], torch.Tensor], train_x: torch.Tensor,
-    train_y: torch.Tensor, train_mask: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
-) -> list[float]:
-    """The towers' shared pre-training loop (AdamW, warmup + cosine, clipping) on scene batches; returns losses."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    losses: list[float] = []
-    model.train()
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        idx = torch.randint(len(train_x), (batch_size,), generator=gen)
-        loss, _, _ = _vit_loss(model, prep(train_x[idx]), train_y[idx], train_mask[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def pretrain_vit(out_dir: str | Path, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 3e-3) -> dict:
@@ -260,24 +143,13 @@ def pretrain_vit(out_dir: str | Path, steps: int, seed: int = 0, batch_size: int
         vit.pos_embed.zero_()
         vit.pos_embed[0, vit.num_prefix_tokens :] = build_sincos2d_pos_embed([grid, grid], vit.embed_dim)
     model = _ViTPretrainer(vit)
-    train_x, train_y, train_mask = _scene_pool(min(max(steps, 1) * batch_size, 8192), rng)
+    train_x, train_y, train_mask = scene_pool(min(max(steps, 1) * batch_size, 8192), rng)
     test_x, test_y, test_mask = vit_heldout_pool(seed)
     mean, std, prep = pixel_normalizer(train_x)
 
     losses = fit_on_scenes(model, prep, train_x, train_y, train_mask, steps, lr, batch_size, seed)
 
-    model.eval()
-    totals: dict[str, dict[str, list[int]]] = {"head": {}, "patch_probe": {}}
-    with torch.no_grad():
-        for i in range(0, len(test_x), 256):
-            sl = slice(i, i + 256)
-            _, *stats = _vit_loss(model, prep(test_x[sl]), test_y[sl], test_mask[sl])
-            for kind, st in zip(totals, stats):
-                for k, (c, n) in st.items():
-                    acc = totals[kind].setdefault(k, [0, 0])
-                    acc[0] += c
-                    acc[1] += n
-    accuracy = {kind: {k: round(c / max(n, 1), 4) for k, (c, n) in st.items()} for kind, st in totals.items()}
+    accuracy = heldout_accuracy(model, prep, test_x, test_y, test_mask)
 
     save_for_hf(
         vit,
@@ -297,14 +169,6 @@ def pretrain_vit(out_dir: str | Path, steps: int, seed: int = 0, batch_size: int
         },
     )
     return pretraining_summary(steps, losses, accuracy, mean, std)
-
-
-def _head_mean(xs: list[float], k: int = 5) -> float | None:
-    return float(np.mean(xs[:k])) if xs else None
-
-
-def _tail_mean(xs: list[float], k: int = 5) -> float | None:
-    return float(np.mean(xs[-k:])) if xs else None
 
 
 def _token_stream(tokenizer, lines: list[str]) -> torch.Tensor:
@@ -357,7 +221,7 @@ def pretrain_lm(
     model.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = lr_at(step, steps, lr)
         starts = torch.randint(len(stream) - block, (batch_size,), generator=gen)
         x = torch.stack([stream[s : s + block] for s in starts.tolist()])
         loss = model(input_ids=x, labels=x).loss
@@ -374,8 +238,8 @@ def pretrain_lm(
         "steps": steps,
         "vocab_size": len(tokenizer),
         "log_vocab": math.log(len(tokenizer)),
-        "first_loss": _head_mean(losses),
-        "final_loss": _tail_mean(losses),
+        "first_loss": head_mean(losses),
+        "final_loss": tail_mean(losses),
         "heldout_loss_before": loss_before,
         "heldout_loss": loss_after,
     }
@@ -390,8 +254,6 @@ def make_tiny_backbones(
 ) -> dict[str, Path]:
     """Write `out_dir/vit` (timm local-dir), `out_dir/siglip` (transformers SigLIP vision tower) and
     `out_dir/lm` (transformers), plus pretraining.json."""
-    from .tiny_siglip import pretrain_siglip
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"vit": out_dir / "vit", "lm": out_dir / "lm", "siglip": out_dir / "siglip"}
