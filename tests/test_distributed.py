@@ -22,7 +22,7 @@ from vlm.config import load_config
 from vlm.model import VLM
 from vlm.train import train
 from vlm.train.checkpoint import list_checkpoints
-from vlm.train.sampler import ResumableSampler
+from vlm.data.samplers import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
