@@ -38,6 +38,7 @@ from .batches import (Batch, first_readable_batch, make_loader, micro_batches, m
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .freezing import apply_stage
+from .launch_env import apply_launcher_settings
 from .lora import save_final
 from .optim import TrainingAborted, Updater, build_optimizer
 from .sharding import build_strategy
@@ -99,8 +100,10 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Model, data, strategy and optimizer; the checkpoint to resume from; the run folder and trackers."""
-        config, env = self.config, self.env
+        """Launcher settings, model, data, strategy and optimizer; the checkpoint to resume from; the run
+        folder and trackers."""
+        self.config = config = apply_launcher_settings(self.config)
+        env = self.env
         set_seed(config.train.seed)
         self.strategy = build_strategy(config, env)
         self.model = model = build_model(config)
