@@ -51,7 +51,8 @@ _COMMON = [
      "remove it (train.compile compiles the LM and the fusion)"),
 ]
 _FSDP = [
-    ("FSDP_VERSION", "fsdp_config.fsdp_version", {"2"}, "set fsdp_version: 2 (train.strategy=fsdp2 is torch's fully_shard)"),
+    ("FSDP_VERSION", "fsdp_config.fsdp_version", {"2"},
+     "set fsdp_version: 2 (train.strategy=fsdp2 is torch's fully_shard)"),
     ("FSDP_SHARDING_STRATEGY", "fsdp_config.fsdp_sharding_strategy", {"FULL_SHARD", "1"},
      "remove it (fsdp2 shards parameters, gradients and optimizer state)"),
     ("FSDP_RESHARD_AFTER_FORWARD", "fsdp_config.fsdp_reshard_after_forward", {"true"}, "remove it"),
@@ -120,15 +121,15 @@ def apply_launcher_settings(config: Config, environ: Mapping[str, str] | None = 
                           "hide them with CUDA_VISIBLE_DEVICES= instead.")
     backend = environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
     if backend == "inductor":
-        _take(train, "compile", True, "dynamo_config.dynamo_backend", "ACCELERATE_DYNAMO_BACKEND")
+        _take(train, "compile", True, "dynamo_config.dynamo_backend", "ACCELERATE_DYNAMO_BACKEND", backend)
     elif backend != "no":
         raise ConfigError(f"accelerate's dynamo_backend={backend} (ACCELERATE_DYNAMO_BACKEND) is not supported; "
                           "use inductor (or train.compile=true), or no.")
     if use_fsdp:
-        _take(train, "strategy", "fsdp2", "distributed_type: FSDP", "ACCELERATE_USE_FSDP")
+        _take(train, "strategy", "fsdp2", "distributed_type: FSDP", "ACCELERATE_USE_FSDP", "true")
         if _flag(environ, "FSDP_ACTIVATION_CHECKPOINTING"):
             _take(train, "gradient_checkpointing", True, "fsdp_config.fsdp_activation_checkpointing",
-                  "FSDP_ACTIVATION_CHECKPOINTING")
+                  "FSDP_ACTIVATION_CHECKPOINTING", "true")
     if use_deepspeed:
         _apply_deepspeed(train, environ)
     if train.deepspeed_config:
@@ -152,15 +153,16 @@ def _apply_deepspeed(train: TrainConfig, environ: Mapping[str, str]) -> None:
     stage = stage or "2"  # accelerate's default
     if stage not in ("2", "3"):
         raise ConfigError(f"DeepSpeed ZeRO stage {stage} (accelerate's zero_stage) is not supported; use 2 or 3.")
-    _take(train, "strategy", f"zero{stage}", "deepspeed_config.zero_stage", "ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    for key, field, variable in (("offload_optimizer_device", "offload_optimizer",
-                                  "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
-                                 ("offload_param_device", "offload_params", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")):
+    _take(train, "strategy", f"zero{stage}", "DeepSpeed ZeRO stage (zero_stage, or the stage in deepspeed_config_file)",
+          "ACCELERATE_USE_DEEPSPEED", f"true, stage {stage}")
+    offload = (("offload_optimizer_device", "offload_optimizer", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
+               ("offload_param_device", "offload_params", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"))
+    for key, field, variable in offload:
         device = environ.get(variable, "none").lower()
         if device not in ("none", "cpu"):
             raise ConfigError(f"accelerate's {key}={device} ({variable}) is not supported; use cpu or none.")
         if device == "cpu":
-            _take(train, field, True, f"deepspeed_config.{key}", variable)
+            _take(train, field, True, f"deepspeed_config.{key}", variable, device)
     if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in environ:
         _take(train, "grad_accum", int(environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]),
               "deepspeed_config.gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
@@ -169,13 +171,15 @@ def _apply_deepspeed(train: TrainConfig, environ: Mapping[str, str]) -> None:
               "deepspeed_config.gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING")
 
 
-def _take(train: TrainConfig, field: str, value: Any, key: str, variable: str) -> None:
-    """Set `train.<field>` from the launcher when the YAML left it at its default; refuse a disagreement."""
+def _take(train: TrainConfig, field: str, value: Any, key: str, variable: str, raw: str | None = None) -> None:
+    """Set `train.<field>` from the launcher when the YAML left it at its default; refuse a disagreement.
+    `key` / `variable` name the accelerate setting, `raw` its exported value (default: `value`)."""
     current = getattr(train, field)
     if current == _DEFAULTS[field]:
         setattr(train, field, value)
     elif current != value:
-        raise ConfigError(f"train.{field}={current} disagrees with accelerate's {key} ({variable}={value}); "
+        shown = value if raw is None else raw
+        raise ConfigError(f"train.{field}={current} disagrees with accelerate's {key} ({variable}={shown}); "
                           f"make them the same, or drop train.{field} from the training config.")
 
 
