@@ -21,7 +21,8 @@ from vlm.data.feature_cache import FeatureCache, encoder_fingerprint
 from vlm.data.formats import read_samples
 from vlm.model import VLM
 from vlm.train.freezing import apply_stage
-from vlm.train.loop import build_optimizer, make_loader, model_inputs
+from vlm.train.batches import make_loader, model_inputs
+from vlm.train.optim import build_optimizer
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python scripts/bench_sharding.py [--config configs/quickstart.yaml] [--strategies ddp,fsdp2,zero2,zero3]
 
 Each strategy runs in its own `torchrun --nproc_per_node 2` launch (so peak RSS is its own), builds the
-model through the training code (`build_model`, `build_strategy`, `Strategy.setup`), runs a few real
+model through the training code (`Trainer.setup`: `build_model`, `build_strategy`, `Strategy.setup`), runs a few real
 optimizer steps, and measures on each rank what that rank holds for the *trainable* parameters:
 
 - parameters: local storage of trainable parameters (an FSDP2 shard, a ZeRO-3 partition, or whole);
@@ -55,25 +55,16 @@ def worker(args: argparse.Namespace) -> None:
 
     from vlm.config import load_config
     from vlm.train.distributed import init_distributed
-    from vlm.train.loop import _step, build_model, make_loader
-    from vlm.train.optim import build_optimizer
-    from vlm.train.sampler import ResumableSampler
-    from vlm.train.sharding import build_strategy
+    from vlm.train.loop import Trainer
     from vlm.train.signals import StopRequest
-    from vlm.data.dataset import ConversationDataset
 
     torch.set_num_threads(1)
     env = init_distributed()
     config = load_config(args.config, [f"train.strategy={args.strategy}", f"train.batch_size={args.batch_size}",
                                        "train.report_to=none", f"output_dir={args.tmp}"])
-    strategy = build_strategy(config, env)
-    model = build_model(config)
-    data = ConversationDataset.from_files(config.data.train_files, model.processor, config.data.image_root,
-                                          data=config.data)
-    sampler = ResumableSampler(data, env.world_size, env.rank, shuffle=True, seed=0)
-    loader = iter(make_loader(data, model.tokenizer.pad_token_id, args.batch_size, False, config, sampler))
-    strategy.setup(model, lambda m: build_optimizer(m, config))
-    state = {"step": 0, "skipped": {}, "bad_steps": []}
+    trainer = Trainer(config, env)
+    trainer.setup()
+    strategy, batches = trainer.strategy, trainer.batches()
     grad_bytes = 0
     trainable = [p for p in strategy.unwrapped().parameters() if p.requires_grad]
     for step in range(args.steps):
@@ -88,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
                 return original(max_norm)
 
             strategy.step = measuring_step
-        _step(strategy, model, [next(loader)], config, env, state, StopRequest(), [])
+        trainer.train_step(*next(batches), StopRequest())
     optimizer_bytes = sum(local_bytes(t) for s in strategy.optimizer.state.values() for t in s.values()
                           if torch.is_tensor(t) and t.ndim > 0)
     engine_optimizer = getattr(strategy, "engine", None) and strategy.engine.optimizer

@@ -12,7 +12,7 @@ import torch
 
 from vlm.config import load_config
 from vlm.data.mixture import read_files
-from vlm.data.sampler import LengthGroupedSampler, estimate_lengths
+from vlm.data.samplers import LengthGroupedSampler, estimate_lengths
 from vlm.model import VLM
 
 

@@ -76,3 +76,121 @@ def test_report_to_list_starts_each_tracker_and_rejects_unknown_names(tmp_path):
         load_config(None, ["train.report_to=[tensorboard, mlflow]"])
     with pytest.raises(ConfigError, match="mixes 'none' with trackers"):
         load_config(None, ["train.report_to=[none, wandb]"])
+
+
+# -- accelerate launch: its config file's settings arrive as environment variables (vlm/train/launch_env.py) --
+
+ACCELERATE_PREFIXES = ("ACCELERATE_", "FSDP_")
+
+
+@pytest.fixture()
+def launcher_env(monkeypatch):
+    """A clean slate, then `setenv` as `accelerate launch` would."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith(ACCELERATE_PREFIXES):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(ROOT)
+
+    def setenv(**values: str) -> None:
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+
+    return setenv
+
+
+def resolved(*overrides: str):
+    from vlm.train.launch_env import apply_launcher_settings
+
+    return apply_launcher_settings(load_config(None, list(overrides))).train
+
+
+def test_accelerate_settings_fill_keys_the_config_leaves_at_their_default(launcher_env):
+    launcher_env(ACCELERATE_MIXED_PRECISION="bf16", ACCELERATE_USE_FSDP="true", FSDP_VERSION="2",
+                 FSDP_ACTIVATION_CHECKPOINTING="true", FSDP_CPU_RAM_EFFICIENT_LOADING="false",
+                 ACCELERATE_DYNAMO_BACKEND="INDUCTOR")
+    train = resolved()
+    assert (train.strategy, train.mixed_precision, train.gradient_checkpointing, train.compile) == \
+        ("fsdp2", "bf16", True, True)
+
+
+def test_accelerate_deepspeed_settings_become_ours(launcher_env):
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", ACCELERATE_MIXED_PRECISION="no",
+                 ACCELERATE_GRADIENT_ACCUMULATION_STEPS="4", ACCELERATE_GRADIENT_CLIPPING="0.5",
+                 ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu", ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE="cpu")
+    train = resolved()
+    assert (train.strategy, train.mixed_precision, train.grad_accum, train.max_grad_norm) == ("zero3", "no", 4, 0.5)
+    assert train.offload_optimizer and train.offload_params
+    assert resolved("train.grad_accum=4", "train.strategy=zero3").grad_accum == 4  # agreeing is fine
+
+
+@pytest.mark.parametrize(("env", "overrides", "message"), [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}, ["train.grad_accum=8"],
+     r"^train.grad_accum=8 disagrees with accelerate's deepspeed_config.gradient_accumulation_steps "
+     r"\(ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2\)"),
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, ["train.mixed_precision=bf16"],
+     r"^train.mixed_precision=bf16 disagrees with accelerate's mixed_precision \(ACCELERATE_MIXED_PRECISION=no\)"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"},
+     ["train.strategy=zero3"], r"^train.strategy=zero3 disagrees with accelerate's distributed_type: FSDP"),
+])
+def test_accelerate_setting_that_contradicts_the_config_is_one_line_naming_both(launcher_env, env, overrides,
+                                                                                 message):
+    launcher_env(**env)
+    with pytest.raises(ConfigError, match=message) as err:
+        resolved(*overrides)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "mixed_precision=fp16 (ACCELERATE_MIXED_PRECISION)"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_config.fsdp_version=1 (FSDP_VERSION)"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
+     "fsdp_config.fsdp_cpu_ram_efficient_loading=true (FSDP_CPU_RAM_EFFICIENT_LOADING)"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+      "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_config.fsdp_offload_params=true (FSDP_OFFLOAD_PARAMS)"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+      "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "fsdp_config.fsdp_sharding_strategy=SHARD_GRAD_OP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"},
+     "offload_param_device=nvme (ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE)"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "ZeRO stage 1"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"},
+     "deepspeed_config.zero3_init_flag=true (ACCELERATE_DEEPSPEED_ZERO3_INIT)"),
+    ({"ACCELERATE_DYNAMO_BACKEND": "EAGER"}, "dynamo_backend=eager (ACCELERATE_DYNAMO_BACKEND)"),
+    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "MEGATRON_LM=true (ACCELERATE_USE_MEGATRON_LM)"),
+])
+def test_accelerate_setting_we_cannot_honour_is_refused_by_name(launcher_env, env, named):
+    launcher_env(**env)
+    with pytest.raises(ConfigError) as err:
+        resolved()
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_deepspeed_json_keys_the_trainer_fills_in_are_refused(launcher_env, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}')
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ds))
+    with pytest.raises(ConfigError, match="sets gradient_accumulation_steps, which the trainer fills in from "
+                                          "train.grad_accum"):
+        resolved()
+    ds.write_text('{"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": "auto"}')
+    assert resolved().strategy == "zero3"
+
+
+@pytest.mark.parametrize(("preset", "strategy"), [
+    ("ddp.yaml", "auto"), ("fsdp2.yaml", "fsdp2"), ("zero2.yaml", "zero2"), ("zero3.yaml", "zero3"),
+    ("zero3_offload.yaml", "zero3"),
+])
+def test_every_shipped_accelerate_preset_resolves(launcher_env, monkeypatch, preset, strategy):
+    """What accelerate's own launcher exports for each preset (its env builders, not a copy of them)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "configs/accelerate" / preset),
+                                               "--main_process_port", "0", "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    exported = prepare_deepspeed_cmd_env(args)[1] if args.use_deepspeed else prepare_multi_gpu_env(args)
+    launcher_env(**{k: v for k, v in exported.items() if k.startswith(ACCELERATE_PREFIXES)})
+    train = resolved()
+    assert (train.strategy, train.mixed_precision) == (strategy, "bf16")

@@ -115,7 +115,7 @@ def test_truncation_never_cuts_image_tokens(tiny_vlm, tmp_path):
 
 
 def test_length_grouped_sampler_is_deterministic_and_shards():
-    from vlm.data.sampler import LengthGroupedSampler
+    from vlm.data.samplers import LengthGroupedSampler
 
     lengths = [(i * 37) % 101 for i in range(64)]
     one = LengthGroupedSampler(lengths, batch_size=4, seed=3, mega_batch_mult=4)

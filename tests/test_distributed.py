@@ -22,7 +22,7 @@ from vlm.config import load_config
 from vlm.model import VLM
 from vlm.train import train
 from vlm.train.checkpoint import list_checkpoints
-from vlm.train.sampler import ResumableSampler
+from vlm.data.samplers import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
@@ -197,6 +197,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(runs):
 def test_auto_strategy_follows_the_accelerate_preset(monkeypatch, env, expected):
     from vlm.config import Config
     from vlm.train.distributed import init_distributed
+    from vlm.train.launch_env import apply_launcher_settings
     from vlm.train.sharding import resolve_strategy
 
     monkeypatch.chdir(ROOT)
@@ -204,17 +205,18 @@ def test_auto_strategy_follows_the_accelerate_preset(monkeypatch, env, expected)
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    config = Config()
+    config = apply_launcher_settings(Config())
     assert resolve_strategy(config, init_distributed()) == expected
     if expected.startswith("zero"):
         assert config.train.deepspeed_config == env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
 
 
 def test_accelerate_launch_with_the_zero3_offload_preset(runs):
-    """The shipped preset, through accelerate's own launcher, on two CPU processes."""
+    """The shipped preset, through accelerate's own launcher, on two CPU processes (its GPU precision,
+    bf16, overridden on the command line as a user would on CPU)."""
     out = runs["root"] / "accelerate-zero3"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate/zero3_offload.yaml"), "--num_processes", "2",
+           str(ROOT / "configs/accelerate/zero3_offload.yaml"), "--num_processes", "2", "--mixed_precision", "no",
            "--main_process_port", str(free_port()), str(ROOT / "train.py"), str(runs["config"]),
            *runs["overrides"]("accelerate-zero3", "projector", PER_RANK, ["train.max_steps=4", "train.save_every=0"])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -128,3 +128,42 @@ def test_save_total_limit_keeps_the_newest_checkpoints(config_file, tmp_path):
                                     f"output_dir={out}"]))
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-6", "checkpoint-8"]
     assert not list(out.glob("*.tmp"))
+
+
+def test_trainer_state_reads_checkpoints_written_before_it_existed():
+    """`trainer_state.json` keeps its flat keys, so older checkpoints load (and round-trip) unchanged."""
+    from vlm.train.state import DataPosition, TrainState
+
+    older = {"step": 10, "epoch": 1, "batches_in_epoch": 14, "history": [{"step": 10, "loss": 1.5}],
+             "bad_steps": [{"after_step": 3, "samples": ["a"]}], "skipped": {"too_long": 2},
+             "scheduler": {"last_epoch": 10}, "world_size": 1}
+    state = TrainState.from_dict(older)
+    assert (state.step, state.position, state.skipped) == (10, DataPosition(1, 14), {"too_long": 2})
+    assert state.to_dict() == {k: v for k, v in older.items() if k not in ("scheduler", "world_size")}
+
+
+def test_micro_batches_yield_the_position_after_each_step_and_change_nothing_else():
+    """5 batches an epoch, 2 a step, resuming 2 batches in: the partial step at the epoch's end is dropped."""
+    from itertools import islice
+
+    from vlm.train.batches import micro_batches
+    from vlm.train.state import DataPosition
+
+    class Loader:
+        start = 0
+
+        def __iter__(self):
+            return iter(range(self.start // 4, 5))
+
+    class Sampler:
+        def set_position(self, epoch: int, start: int) -> None:
+            loader.start = start
+
+    class Dataset:
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+    loader, start = Loader(), DataPosition(0, 2)
+    steps = list(islice(micro_batches(loader, Sampler(), Dataset(), start, per_step=2, batch_size=4), 3))
+    assert steps == [([2, 3], DataPosition(0, 4)), ([0, 1], DataPosition(1, 2)), ([2, 3], DataPosition(1, 4))]
+    assert start == DataPosition(0, 2)

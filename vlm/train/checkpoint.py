@@ -1,10 +1,10 @@
 """`output_dir/checkpoint-<step>/`: everything needed to continue a run exactly.
 
 Layout: `state/` (trainable weights + optimizer, sharded where the strategy shards, written by the
-strategy), `trainer_state.json` (step, data position, scheduler, history), `rng/rank-<r>.safetensors`
-+ `.json` (every rank's random generators), `config.yaml`. Written into `checkpoint-<step>.tmp` by
-all ranks and renamed by rank 0 once complete, so a crash mid-write never leaves a half checkpoint
-under the final name.
+strategy), `trainer_state.json` (a `TrainState`, plus the scheduler and the world size),
+`rng/rank-<r>.safetensors` + `.json` (every rank's random generators), `config.yaml`. Written
+into `checkpoint-<step>.tmp` by all ranks and renamed by rank 0 once complete, so a crash mid-write
+never leaves a half checkpoint under the final name.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..atomic import replace_directory
 from ..config import Config, config_to_dict
 from .distributed import DistEnv, barrier
 from .sharding import Strategy
+from .state import TrainState
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -55,11 +56,11 @@ def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    strategy: Strategy, trainer_state: dict[str, Any], config: Config, env: DistEnv, output_dir: Path,
-    save_total_limit: int | None,
+    strategy: Strategy, state: TrainState, scheduler: dict[str, Any], config: Config, env: DistEnv,
+    output_dir: Path, save_total_limit: int | None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
-    final = output_dir / f"checkpoint-{trainer_state['step']}"
+    final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f"{final.name}.tmp"
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +71,8 @@ def save_checkpoint(
     barrier(env)
     if env.is_main:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "world_size": env.world_size}, indent=1))
+        trainer_state = {**state.to_dict(), "scheduler": scheduler, "world_size": env.world_size}
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         replace_directory(tmp, final)
         if save_total_limit:
             for old in list_checkpoints(output_dir)[:-save_total_limit]:
@@ -80,8 +82,8 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(strategy: Strategy, path: Path, env: DistEnv) -> dict[str, Any]:
-    """Restore weights, optimizer and this rank's generators; return the trainer state."""
+def load_checkpoint(strategy: Strategy, path: Path, env: DistEnv) -> tuple[TrainState, dict[str, Any]]:
+    """Restore weights, optimizer and this rank's generators; return the trainer state and the scheduler's."""
     state = json.loads((path / STATE_FILE).read_text())
     if state.get("world_size") != env.world_size:
         raise ValueError(
@@ -90,7 +92,7 @@ def load_checkpoint(strategy: Strategy, path: Path, env: DistEnv) -> dict[str, A
         )
     strategy.load_state(path / "state")
     _load_rng(path / "rng", env.rank)
-    return state
+    return TrainState.from_dict(state), state["scheduler"]
 
 
 def _save_rng(directory: Path, rank: int) -> None:

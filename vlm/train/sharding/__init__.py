@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 from ...config import Config, ConfigError
 from ..distributed import DistEnv
@@ -16,19 +14,11 @@ STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3")
 
 
 def resolve_strategy(config: Config, env: DistEnv) -> str:
-    """`train.strategy`, or with `auto` what the accelerate launcher's config file asked for."""
+    """`train.strategy`; `auto` (still auto after `launch_env.apply_launcher_settings` found no FSDP or
+    DeepSpeed launcher setting) is `ddp` with several processes, `single` with one."""
     name = config.train.strategy
     if name != "auto":
         return name
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp2"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if ds_file and os.path.isfile(ds_file):
-            stage = json.loads(open(ds_file).read()).get("zero_optimization", {}).get("stage", stage)
-            config.train.deepspeed_config = config.train.deepspeed_config or ds_file
-        return "zero3" if str(stage) == "3" else "zero2"
     return "ddp" if env.distributed else "single"
 
 

@@ -1,10 +1,11 @@
-"""A length-grouped sampler (`data.group_by_length`): batches of similar length, so less padding.
+"""Which samples each rank reads, in an order a resumed run can pick up mid-epoch.
 
-The order comes from transformers' `get_length_grouped_indices` (random mega-batches, each sorted
-by length, the longest batch first so an out-of-memory shows at step 1), drawn from seed + epoch
-so every rank computes the same global order. Rank r then takes every world_size-th index, like
-`DistributedSampler`: with batch size B on W ranks, step k's batches on all ranks together are
-the k-th length-grouped global batch of W*B samples.
+`ResumableSampler` (random order) and `LengthGroupedSampler` (`data.group_by_length`: batches of
+similar length, so less padding) share one interface: `set_epoch(epoch)`, `set_position(epoch,
+start)` to resume `start` indices into this rank's share, `len()` of what is left. Both give rank r
+every world_size-th index of one global order drawn from seed + epoch, so with batch size B on W
+ranks, step k's batches on all ranks together are exactly the k-th global batch of W*B samples that
+one process with batch W*B reads: sharded and single-process runs see the same data.
 """
 
 from __future__ import annotations
@@ -12,19 +13,37 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .processor import VLMProcessor
 from .sample import Sample
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Indices of a map-style dataset for one rank; call `set_epoch` before each epoch.
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (the epoch's permutation comes from seed + epoch, rank r takes every
+    world-th index) that can start `start` indices into this rank's share."""
 
-    Same interface as the loop's `ResumableSampler`: `set_epoch(epoch)`, `set_position(epoch,
-    start)` to resume `start` indices into this rank's share, `len()` of what is left.
-    """
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices of a map-style dataset for one rank, in transformers' length-grouped order
+    (`get_length_grouped_indices`: random mega-batches, each sorted by length, the longest batch
+    first so an out-of-memory shows at step 1)."""
 
     def __init__(
         self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
@@ -79,3 +98,14 @@ def estimate_lengths(samples: Sequence[Sample], processor: VLMProcessor, chunk: 
         for sample, ids in zip(part, encoded):
             lengths.append(len(ids) + len(sample.images) * (per_image - 1))
     return lengths
+
+
+def training_sampler(
+    dataset: Dataset, processor: VLMProcessor, batch_size: int, num_replicas: int, rank: int, seed: int,
+    group_by_length: bool,
+) -> ResumableSampler | LengthGroupedSampler:
+    """The training set's sampler: length-grouped with `data.group_by_length`, else shuffled."""
+    if group_by_length:
+        lengths = estimate_lengths(dataset.samples, processor)
+        return LengthGroupedSampler(lengths, batch_size, num_replicas, rank, seed=seed)
+    return ResumableSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)

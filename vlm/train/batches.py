@@ -1,0 +1,99 @@
+"""From the training set to the tensors one step feeds the model, and where in the data a step is.
+
+`micro_batches` yields each step's micro-batches together with the `DataPosition` after them; it
+reads the position it starts from and changes nothing else, so the trainer decides when a step's
+data counts as consumed (see `Trainer.train_step`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..config import Config
+from ..data.collator import Collator
+from ..data.dataset import ConversationDataset
+from ..data.sample import DataError
+from ..model import VLM
+from .state import DataPosition
+
+Batch = dict[str, Any]
+
+
+def make_loader(
+    dataset: ConversationDataset, processor_pad: int, batch_size: int, shuffle: bool, config: Config,
+    sampler: Sampler | None = None,
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(config.train.seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
+        collate_fn=Collator(processor_pad, "right"), num_workers=config.data.num_workers, generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def micro_batches(
+    loader: DataLoader, sampler: Any, dataset: ConversationDataset, start: DataPosition, per_step: int,
+    batch_size: int,
+) -> Iterator[tuple[list[Batch], DataPosition]]:
+    """This process's micro-batches, `per_step` at a time, epoch after epoch from `start`, each group
+    with the position after it (what a checkpoint taken after that step resumes from). A partial step
+    at the end of an epoch is dropped, like `drop_last`."""
+    position = start
+    while True:
+        sampler.set_position(position.epoch, position.batches_in_epoch * batch_size)
+        dataset.set_epoch(position.epoch)
+        batches, yielded = iter(loader), False
+        while len(micro := [b for _, b in zip(range(per_step), batches)]) == per_step:
+            position = position.after(per_step)
+            yielded = True
+            yield micro, position
+        if not yielded and position.batches_in_epoch == 0:
+            raise ValueError(
+                f"One optimizer step needs {per_step} batch(es) of {batch_size} per process, but this process's "
+                "share of the data has fewer; lower train.batch_size or train.grad_accum."
+            )
+        position = position.next_epoch()
+
+
+def model_inputs(batch: Batch) -> Batch:
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_features", "labels")
+    return {key: batch[key] for key in keys if batch.get(key) is not None}
+
+
+def supervised_tokens(batch: Batch) -> int:
+    """Tokens the loss reads: labels are shifted by one inside the LM's loss."""
+    return int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else 0
+
+
+def with_placeholder(inputs: Batch, model: VLM, cached: bool) -> Batch:
+    """A text-only batch gets one placeholder image with no marker (zero contribution, see
+    `Fusion.lm_forward`), so every rank runs the vision path and the fusion every step."""
+    if inputs.get("pixel_values") is not None or inputs.get("image_features") is not None:
+        return inputs
+    vision = model.vision
+    if cached:
+        return {**inputs, "image_features": torch.zeros(1, vision.num_patches, vision.hidden_size)}
+    return {**inputs, "pixel_values": torch.zeros(1, 3, *vision.image_size)}
+
+
+def to_device(inputs: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def zero_weight(batch: Batch) -> Batch:
+    """The same inputs with no supervised token: the forward and backward run, the gradient is zero."""
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
+def first_readable_batch(dataset: ConversationDataset, pad_token_id: int) -> Batch:
+    """A one-sample batch of the first sample that loads: what a micro-batch whose samples all fail to load
+    is replaced by (at weight 0, so every rank still runs the same collectives). Found before step 1, so
+    a run whose data cannot be loaded at all stops there, in one line."""
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if "skipped" not in item:
+            return Collator(pad_token_id, "right")([item])
+    raise DataError(f"None of the {len(dataset)} training samples could be loaded; run `vlm data check` on them.")
