@@ -40,8 +40,8 @@ class EarlyFusion(Fusion):
                 "patch grid; use a tower whose input size is a multiple of its patch size."
             )
         self.patch = (height // rows, width // cols)
-        self.patch_embed = nn.Linear(3 * self.patch[0] * self.patch[1], self.lm_dim)
         self.position_embedding = nn.Parameter(torch.randn(rows * cols, self.lm_dim) * 0.02)
+        self.patch_embed = nn.Linear(3 * self.patch[0] * self.patch[1], self.lm_dim)
 
     @property
     def tokens_per_image(self) -> int:

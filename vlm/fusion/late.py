@@ -35,10 +35,10 @@ class LateFusion(Fusion):
         super().__init__(options, vision, lm)
         self.pool_norm = nn.LayerNorm(self.vision_dim)
         self.hidden = nn.Linear(self.vision_dim, self.lm_dim)
-        self.head = nn.Linear(self.lm_dim, lm.vocab_size)  # one row per LM output logit
         self.gate = nn.Linear(self.lm_dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
+        self.head = nn.Linear(self.lm_dim, lm.vocab_size)  # one row per LM output logit
 
     @property
     def tokens_per_image(self) -> int:
