@@ -24,7 +24,8 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
-# `make quickstart ARGS="model.fusion=cross_attention" RUN=artifacts/quickstart/xattn` trains another variant.
+# `make quickstart ARGS="model.fusion=cross_attention model.cross_attention.every_n_layers=1" RUN=artifacts/quickstart/xattn`
+# trains another variant (each strategy's options are its own section, e.g. model.cross_attention.*).
 quickstart: $(VENV)/.installed
 	PY=$(PY) $(if $(RUN),RUN=$(RUN)) bash scripts/quickstart.sh $(ARGS)
 

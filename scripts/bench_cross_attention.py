@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=2, help="images per sample")
-    parser.add_argument("--every-n", type=int, default=1, help="model.cross_attn_every_n_layers")
+    parser.add_argument("--every-n", type=int, default=1, help="model.cross_attention.every_n_layers")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -50,8 +50,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_tiny_backbones(Path(tmp), vit_steps=0, lm_steps=0)
-        config = ModelConfig(vision=str(paths["vit"]), lm=str(paths["lm"]), fusion="cross_attention",
-                             cross_attn_every_n_layers=args.every_n)
+        config = ModelConfig(vision=str(paths["vit"]), lm=str(paths["lm"])).with_fusion(
+            "cross_attention", every_n_layers=args.every_n)
         torch.manual_seed(0)
         model = VLM.from_config(config).eval()
         with torch.no_grad():

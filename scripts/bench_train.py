@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         vision_dir, lm_dir = build_backbones(root, size, args.tower, args.image_size)
         torch.manual_seed(0)
-        ours = VLM.from_config(ModelConfig(vision=f"hf:{vision_dir}", lm=str(lm_dir), projector="mlp2x_gelu"))
+        ours = VLM.from_config(ModelConfig(vision=f"hf:{vision_dir}", lm=str(lm_dir)).with_fusion("projector", type="mlp2x_gelu"))
         export_llava_hf(ours, root / "llava")
         llava = LlavaForConditionalGeneration.from_pretrained(root / "llava", dtype=torch.float32)
     px = ours.vision.model.config.image_size

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default end to end: backbones -> data -> train -> predict -> eval.
 # Extra arguments are config overrides for training, e.g.
-#   RUN=artifacts/quickstart/xattn bash scripts/quickstart.sh model.fusion=cross_attention model.cross_attn_every_n_layers=1
+#   RUN=artifacts/quickstart/xattn bash scripts/quickstart.sh model.fusion=cross_attention model.cross_attention.every_n_layers=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

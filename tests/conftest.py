@@ -31,7 +31,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def model_config(backbones: dict[str, Path]):
     from vlm.config import ModelConfig
 
-    return ModelConfig(vision=str(backbones["vit"]), lm=str(backbones["lm"]), projector="mlp2x_gelu")
+    return ModelConfig(vision=str(backbones["vit"]), lm=str(backbones["lm"])).with_fusion("projector", type="mlp2x_gelu")
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ from vlm.cli import main
 def test_bench_fusion_writes_results_and_records_a_failure(backbones, synthetic, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
-        "model": {"vision": str(backbones["vit"]), "lm": str(backbones["lm"]), "projector": "linear"},
+        "model": {"vision": str(backbones["vit"]), "lm": str(backbones["lm"]), "projector": {"type": "linear"}},
         "data": {"train_files": [str(synthetic["train"])], "max_length": 256},
         "train": {"stage": "finetune", "batch_size": 4, "lr": 1e-3, "seed": 0},
     }))

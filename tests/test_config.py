@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm.config import ConfigError, load_config
+from vlm.config import Config, ConfigError, config_to_dict, from_dict, load_config, saved_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +35,11 @@ def test_wrong_type_names_key_and_value(tmp_path):
 def test_overrides_are_typed_and_applied(tmp_path):
     cfg = load_config(
         write(tmp_path, "model:\n  fusion: projector\ntrain:\n  lr: 1e-4\n"),
-        ["train.max_steps=7", "model.projector=linear", "data.train_files=[a.json, b.json]", "train.fusion_lr=1e-3"],
+        ["train.max_steps=7", "model.projector.type=linear", "data.train_files=[a.json, b.json]", "train.fusion_lr=1e-3"],
     )
     assert cfg.train.lr == pytest.approx(1e-4)  # YAML reads 1e-4 as a string; it must still be a float
     assert cfg.train.max_steps == 7
-    assert cfg.model.projector == "linear"
+    assert cfg.model.options["projector"].type == "linear"
     assert cfg.data.train_files == ["a.json", "b.json"]
     assert cfg.train.fusion_lr == pytest.approx(1e-3)
 
@@ -194,3 +194,53 @@ def test_every_shipped_accelerate_preset_resolves(launcher_env, monkeypatch, pre
     launcher_env(**{k: v for k, v in exported.items() if k.startswith(ACCELERATE_PREFIXES)})
     train = resolved()
     assert (train.strategy, train.mixed_precision) == (strategy, "bf16")
+
+def test_each_fusion_strategy_has_its_own_section(tmp_path):
+    cfg = load_config(write(tmp_path, (
+        "model:\n  fusion: cross_attention\n  cross_attention: {every_n_layers: 2, resampler_depth: 1}\n"
+        "  projector: {type: pixel_shuffle, pixel_shuffle_factor: 4}\n"
+    )), ["model.resampler.latents=16"])
+    assert cfg.model.fusion_options() is cfg.model.options["cross_attention"]
+    assert (cfg.model.fusion_options().every_n_layers, cfg.model.fusion_options().resampler_depth) == (2, 1)
+    assert cfg.model.fusion_options().resampler_latents == 64  # defaults fill what is not given
+    assert cfg.model.options["projector"].pixel_shuffle_factor == 4
+    assert (cfg.model.options["resampler"].depth, cfg.model.options["resampler"].latents) == (2, 16)
+    saved = config_to_dict(cfg)
+    assert saved["model"]["cross_attention"]["every_n_layers"] == 2 and "options" not in saved["model"]
+    assert from_dict(Config, saved) == cfg  # what is saved loads back as it was
+
+
+def test_keys_inside_a_fusion_section_are_checked():
+    with pytest.raises(ConfigError, match=r"Unknown config key 'model\.cross_attention\.every_n'.*every_n_layers"):
+        load_config(None, ["model.cross_attention.every_n=2"])
+    with pytest.raises(ConfigError, match=r"model\.cross_attention\.every_n_layers must be >= 1, got 0"):
+        load_config(None, ["model.cross_attention.every_n_layers=0"])
+    with pytest.raises(ConfigError, match=r"'model\.projector\.type' must be one of"):
+        load_config(None, ["model.projector.type=mlp3"])
+    with pytest.raises(ConfigError, match=r"model.fusion='nope' is not a registered strategy"):
+        load_config(None, ["model.fusion=nope"])
+
+
+@pytest.mark.parametrize("flat, moved", [
+    ("cross_attn_every_n_layers=1", "model.cross_attention.every_n_layers"),
+    ("cross_attn_heads=2", "model.cross_attention.heads"),
+    ("projector=linear", "model.projector.type"),
+    ("pixel_shuffle_factor=2", "model.projector.pixel_shuffle_factor"),
+    ("resampler_depth=1", "model.cross_attention.resampler_depth / model.resampler.depth"),
+    ("resampler_latents=8", "model.cross_attention.resampler_latents / model.resampler.latents"),
+])
+def test_old_flat_fusion_keys_name_their_new_place(flat, moved):
+    key = flat.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^model\.{key} moved to {moved}; rename it"):
+        load_config(None, [f"model.{flat}"])
+
+
+def test_a_saved_folders_flat_model_config_is_translated():
+    old = {"vision": "v", "lm": "l", "fusion": "resampler", "projector": "linear", "pixel_shuffle_factor": 2,
+           "cross_attn_every_n_layers": 4, "cross_attn_heads": None, "resampler_depth": 0, "resampler_latents": 16}
+    cfg = saved_model_config(old)
+    assert cfg.fusion == "resampler" and cfg.options["projector"].type == "linear"
+    assert (cfg.options["resampler"].depth, cfg.options["resampler"].latents) == (2, 16)  # 0 meant 2 here
+    xattn = cfg.options["cross_attention"]
+    assert (xattn.every_n_layers, xattn.heads, xattn.resampler_depth, xattn.resampler_latents) == (4, None, 0, 16)
+    assert saved_model_config(config_to_dict(cfg)) == cfg  # the new shape passes through unchanged

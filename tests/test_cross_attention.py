@@ -1,7 +1,7 @@
 """`model.fusion: cross_attention`: gated blocks start as the identity, see only the most recent
 image, generate identically with and without the KV cache, round-trip, and train in align."""
 
-import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +22,7 @@ RED, BLUE, GREEN = (200, 30, 30), (30, 30, 200), (30, 200, 30)
 
 def build(model_config, every_n: int = 2) -> VLM:
     torch.manual_seed(0)
-    config = dataclasses.replace(model_config, fusion="cross_attention", cross_attn_every_n_layers=every_n)
+    config = model_config.with_fusion("cross_attention", every_n_layers=every_n)
     return VLM.from_config(config).eval()
 
 
@@ -166,6 +166,27 @@ def test_from_pretrained_round_trip(model_config, tmp_path):
                                atol=0, rtol=0)
 
 
+@torch.no_grad()
+def test_a_folder_saved_with_the_old_flat_fusion_keys_still_loads(model_config, tmp_path):
+    """Folders written before the per-strategy sections (`cross_attn_every_n_layers`, ...) are translated."""
+    model = build(model_config)
+    open_gates(model, 0.5)
+    batch = batch_of(model, MIXED)
+    model.save_pretrained(tmp_path / "saved")
+    path = tmp_path / "saved" / "config.json"
+    meta = json.loads(path.read_text())
+    for section in ("projector", "resampler", "cross_attention"):
+        del meta["model"][section]
+    meta["model"].update(projector="mlp2x_gelu", pixel_shuffle_factor=2, cross_attn_every_n_layers=2,
+                         cross_attn_heads=None, resampler_depth=0, resampler_latents=64)
+    path.write_text(json.dumps(meta))
+    loaded = VLM.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.config == model.config
+    keys = ("input_ids", "attention_mask", "pixel_values")
+    torch.testing.assert_close(loaded(**{k: batch[k] for k in keys}).logits, forward(model, batch).logits,
+                               atol=0, rtol=0)
+
+
 def test_align_step_trains_the_gated_blocks_and_not_the_lm(model_config):
     from vlm.train.freezing import apply_stage
 
@@ -188,8 +209,7 @@ def test_align_step_trains_the_gated_blocks_and_not_the_lm(model_config):
 @torch.no_grad()
 def test_perceiver_resampler_gives_a_fixed_number_of_visual_tokens(model_config):
     torch.manual_seed(0)
-    config = dataclasses.replace(model_config, fusion="cross_attention", cross_attn_every_n_layers=2,
-                                 resampler_depth=1, resampler_latents=5)
+    config = model_config.with_fusion("cross_attention", every_n_layers=2, resampler_depth=1, resampler_latents=5)
     model = VLM.from_config(config).eval()
     features = torch.randn(3, 64, model.fusion.vision_dim)
     assert model.fusion.embed_images(features).shape == (3, 5, model.fusion.lm_dim)
@@ -204,8 +224,8 @@ def test_perceiver_resampler_gives_a_fixed_number_of_visual_tokens(model_config)
 def test_other_decoders_get_the_same_behaviour(arch):
     import transformers
 
-    from vlm.config import ModelConfig
-    from vlm.fusion.cross_attention import CrossAttentionFusion
+    from vlm.fusion import LMShape, VisionShape
+    from vlm.fusion.cross_attention import CrossAttentionFusion, CrossAttentionOptions
 
     config = {
         "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
@@ -216,8 +236,9 @@ def test_other_decoders_get_the_same_behaviour(arch):
     torch.manual_seed(0)
     lm = transformers.AutoModelForCausalLM.from_config(config).eval()
     keys = set(lm.state_dict())
-    fusion = CrossAttentionFusion(32, (2, 2), 64, ModelConfig(cross_attn_every_n_layers=1))
-    fusion.attach(lm)
+    fusion = CrossAttentionFusion(CrossAttentionOptions(every_n_layers=1), VisionShape(32, (2, 2), (8, 8)),
+                                  LMShape.of(lm.config))
+    fusion.attach(lm, image_token_id=1)
     assert set(lm.state_dict()) == keys
     ids = torch.randint(5, 100, (2, 10))
     ids[0, 3] = ids[1, 6] = 1
@@ -240,7 +261,7 @@ def test_short_training_run_lowers_the_loss_and_opens_the_gates(backbones, synth
 
     config = load_config(None, [
         f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.fusion=cross_attention",
-        "model.cross_attn_every_n_layers=2", f"data.train_files=[{synthetic['train']}]", "train.stage=align",
+        "model.cross_attention.every_n_layers=2", f"data.train_files=[{synthetic['train']}]", "train.stage=align",
         "train.max_steps=20", "train.batch_size=8", "train.lr=2e-3", "train.report_to=none",
         "train.gradient_checkpointing=true", f"output_dir={tmp_path}",
     ])

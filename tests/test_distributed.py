@@ -27,8 +27,8 @@ from vlm.data.samplers import ResumableSampler
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
 FUSIONS = {
-    "projector": ["model.fusion=projector", "model.projector=mlp2x_gelu"],
-    "cross_attention": ["model.fusion=cross_attention", "model.cross_attn_every_n_layers=2"],
+    "projector": ["model.fusion=projector", "model.projector.type=mlp2x_gelu"],
+    "cross_attention": ["model.fusion=cross_attention", "model.cross_attention.every_n_layers=2"],
 }
 STEPS, PER_RANK = 20, 2
 

@@ -21,7 +21,8 @@ model:
   vision: {backbones['vit']}
   lm: {backbones['lm']}
   fusion: projector
-  projector: pixel_shuffle
+  projector:
+    type: pixel_shuffle
 data:
   train_files: [{synthetic['train']}]
   eval_files: [{synthetic['eval']}]

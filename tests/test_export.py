@@ -19,7 +19,7 @@ from vlm.model import VLM
 @pytest.fixture(scope="module")
 def exported(backbones, tiny_clip, tmp_path_factory):
     torch.manual_seed(0)
-    model = VLM.from_config(ModelConfig(vision=f"hf:{tiny_clip}", lm=str(backbones["lm"]), projector="mlp2x_gelu"))
+    model = VLM.from_config(ModelConfig(vision=f"hf:{tiny_clip}", lm=str(backbones["lm"])).with_fusion("projector", type="mlp2x_gelu"))
     with torch.no_grad():
         for p in model.fusion.parameters():
             p.normal_(0, 0.05)

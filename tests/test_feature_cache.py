@@ -12,7 +12,7 @@ from vlm.train import train
 
 def run(backbones, synthetic, out, cache: bool) -> list[float]:
     config = load_config(None, [
-        f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.projector=mlp2x_gelu",
+        f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.projector.type=mlp2x_gelu",
         f"data.train_files=[{synthetic['train']}]", f"data.cache_features={str(cache).lower()}",
         "train.stage=align", "train.max_steps=6", "train.batch_size=4", "train.lr=1e-3", "train.report_to=none",
         f"output_dir={out}",

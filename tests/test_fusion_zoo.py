@@ -36,7 +36,7 @@ def _samples() -> list[Sample]:
 
 def _build(model_config, fusion: str) -> VLM:
     torch.manual_seed(0)
-    return VLM.from_config(dataclasses.replace(model_config, fusion=fusion, resampler_latents=4))
+    return VLM.from_config(model_config.with_fusion("resampler", latents=4).with_fusion(fusion))
 
 
 def _batch(model: VLM, samples: list[Sample], side: str = "right") -> dict:

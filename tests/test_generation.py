@@ -25,10 +25,10 @@ from vlm.model import VLM
 from vlm.train import train
 
 STRATEGIES = {
-    "projector": ["model.fusion=projector", "model.projector=mlp2x_gelu"],
-    "resampler": ["model.fusion=resampler", "model.resampler_latents=8"],
+    "projector": ["model.fusion=projector", "model.projector.type=mlp2x_gelu"],
+    "resampler": ["model.fusion=resampler", "model.resampler.latents=8"],
     "early": ["model.fusion=early"],
-    "cross_attention": ["model.fusion=cross_attention", "model.cross_attn_every_n_layers=2"],
+    "cross_attention": ["model.fusion=cross_attention", "model.cross_attention.every_n_layers=2"],
     "late": ["model.fusion=late"],
 }
 SCENES = [Scene("red", "circle", "large", 1, "left"), Scene("blue", "square", "small", 1, "right"),

@@ -16,8 +16,8 @@ from vlm.train.speed import apply_gradient_checkpointing
 @pytest.fixture(scope="module")
 def xattn_vlm(backbones):
     torch.manual_seed(0)
-    config = ModelConfig(vision=str(backbones["vit"]), lm=str(backbones["lm"]), fusion="cross_attention",
-                         cross_attn_every_n_layers=2)
+    config = ModelConfig(vision=str(backbones["vit"]), lm=str(backbones["lm"])).with_fusion(
+        "cross_attention", every_n_layers=2)
     model = VLM.from_config(config)
     with torch.no_grad():  # open the gates so the blocks matter
         for block in model.fusion.blocks.values():

@@ -107,7 +107,7 @@ def test_lora_through_the_training_loop_writes_a_merged_final_folder(backbones, 
 
     out = tmp_path / "run"
     config = load_config(None, [
-        f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.projector=mlp2x_gelu",
+        f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.projector.type=mlp2x_gelu",
         f"data.train_files=[{synthetic['train']}]", "train.stage=finetune", "train.max_steps=6",
         "train.batch_size=4", "train.lr=5e-3", "train.save_every=3", "train.report_to=none",
         "train.lora.enabled=true", "train.lora.r=4", f"output_dir={out}",

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def config_file(backbones, synthetic, tmp_path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(f"""
-model: {{vision: {backbones['vit']}, lm: {backbones['lm']}, projector: mlp2x_gelu}}
+model: {{vision: {backbones['vit']}, lm: {backbones['lm']}, projector: {{type: mlp2x_gelu}}}}
 data: {{train_files: [{synthetic['train']}]}}
 train: {{stage: finetune, batch_size: 4, lr: 1.0e-3, warmup_steps: 2, report_to: none}}
 """)

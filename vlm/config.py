@@ -1,24 +1,44 @@
 """Typed run configuration: YAML file + dotted command-line overrides, validated on load.
 
 Every key is a dataclass field, so an unknown key or a value of the wrong type fails
-before any model is built, with a message that names the key.
+before any model is built, with a message that names the key. Each fusion strategy's options
+are its own section, `model.<strategy>`, defined and registered in the strategy's file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
+from .config_parsing import ConfigError, apply_override, fields_from_dict, from_dict
 
-class ConfigError(ValueError):
-    """A configuration problem a person can fix; the message names the key."""
+
+class FusionOptions:
+    """Base of a fusion strategy's options: a dataclass in the strategy's own file, read from the
+    `model.<strategy name>` section and registered with the strategy (`vlm.fusion.register_fusion`)."""
+
+    legacy_keys: ClassVar[dict[str, str]] = {}
+    """Flat `model.*` keys of earlier versions -> this section's key: named in the error for an old
+    config file, and translated when an older saved folder is loaded."""
+
+    @classmethod
+    def from_legacy(cls, flat: dict[str, Any]) -> dict[str, Any]:
+        """This section's values from an older saved folder's flat model config."""
+        return {new: flat[old] for old, new in cls.legacy_keys.items() if old in flat}
+
+
+_FUSIONS: dict[str, Optional[type[FusionOptions]]] = {}
+"""Every registered fusion strategy -> its options class (None: it has none). Filled as `vlm.fusion`
+is imported (the `vlm` package imports it), so a new strategy never edits this file."""
+
+
+def register_fusion_options(name: str, options: Optional[type[FusionOptions]]) -> None:
+    """Make `model.fusion: <name>` valid and `model.<name>` its options section (called by `register_fusion`)."""
+    _FUSIONS[name] = options
 
 
 @dataclass
@@ -32,24 +52,51 @@ class ModelConfig:
     init_from: Optional[str] = None
     """The documented name for `pretrained` (stage 2 starts from stage 1's `final/`); set one of the two."""
     fusion: str = "projector"
-    """Fusion strategy: `early`, `projector`, `resampler`, `cross_attention` or `late` (vlm/fusion/)."""
-    projector: str = "mlp2x_gelu"
-    pixel_shuffle_factor: int = 2
+    """Fusion strategy: `early`, `projector`, `resampler`, `cross_attention` or `late` (vlm/fusion/); its
+    options are the section of the same name (e.g. `model.cross_attention: {every_n_layers: 4}`)."""
     vision_feature_layer: int = -2
     """Which encoder block's output feeds the fusion; -2 is the penultimate, as in LLaVA."""
     vision_drop_prefix_tokens: bool = True
     """Drop CLS / register tokens so only patch tokens reach the LM."""
     image_token: str = "<image>"
     trust_remote_code: bool = False
-    cross_attn_every_n_layers: int = 4
-    """`fusion: cross_attention`: a gated cross-attention block before every n-th LM layer (1: every layer)."""
-    cross_attn_heads: Optional[int] = None
-    """`fusion: cross_attention`: attention heads of each block; by default the LM's."""
-    resampler_depth: int = 0
-    """`fusion: cross_attention`: Perceiver-resampler layers before the blocks (0: patch tokens, linearly projected);
-    `fusion: resampler`: its layers (0 means 2)."""
-    resampler_latents: int = 64
-    """`fusion: cross_attention` with a resampler, or `fusion: resampler`: visual tokens per image (learned latents)."""
+    options: dict[str, Any] = field(default_factory=dict, metadata={"config_key": False})
+    """Each strategy's options by strategy name, written as `model.<name>: {...}` (not `model.options`);
+    every registered strategy's section is present, with its defaults where not given."""
+
+    def __post_init__(self) -> None:
+        if self.fusion not in _FUSIONS:
+            raise ConfigError(
+                f"model.fusion='{self.fusion}' is not a registered strategy; choose one of {sorted(_FUSIONS)}."
+            )
+        self.options = {
+            name: self.options.get(name) or cls() for name, cls in sorted(_FUSIONS.items()) if cls is not None
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], prefix: str) -> "ModelConfig":
+        """From a mapping (`config_parsing.from_dict` hook): its own keys, plus one options section per
+        registered strategy; a flat key of earlier versions is an error naming where it moved."""
+        raw = dict(raw)
+        for old, new in _legacy_keys().items():
+            if _is_legacy(raw, old):
+                raise ConfigError(f"{prefix}{old} moved to {' / '.join(new)}; rename it in the config.")
+        sections = {name: raw.pop(name) for name in list(raw) if _FUSIONS.get(name) is not None}
+        config = fields_from_dict(cls, raw, prefix, extra=sorted(n for n, c in _FUSIONS.items() if c is not None))
+        for name, value in sections.items():
+            config.options[name] = from_dict(_FUSIONS[name], value or {}, f"{prefix}{name}.")
+        return config
+
+    def fusion_options(self) -> Optional[FusionOptions]:
+        """The selected strategy's options (None for a strategy without any)."""
+        return self.options.get(self.fusion)
+
+    def with_fusion(self, name: str, **changes: Any) -> "ModelConfig":
+        """A copy that selects strategy `name`, with `changes` applied to its options section."""
+        config = dataclasses.replace(self, fusion=name, options=dict(self.options))
+        if changes:
+            config.options[name] = dataclasses.replace(config.options[name], **changes)  # filled by __post_init__
+        return config
 
 
 @dataclass
@@ -247,87 +294,40 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"Config file '{path}' must hold a mapping of keys, got {type(raw).__name__}.")
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return from_dict(Config, raw)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, in the shape `load_config` reads (strategy sections under `model.`)."""
+    out = dataclasses.asdict(cfg)
+    model = out if isinstance(cfg, ModelConfig) else out.get("model") if isinstance(cfg, Config) else None
+    if model is not None:
+        model.update(model.pop("options"))
+    return out
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"Override '{item}' must look like 'section.key=value' (e.g. train.lr=1e-4).")
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"Override '{item}': '{part}' is not a section.")
-    node[parts[-1]] = yaml.safe_load(value)
+def saved_model_config(raw: dict[str, Any]) -> ModelConfig:
+    """The model config stored in a saved folder's config.json; folders saved before the per-strategy
+    sections (flat keys such as `cross_attn_every_n_layers`) are translated to them."""
+    raw = dict(raw)
+    flat = {key: raw.pop(key) for key in _legacy_keys() if _is_legacy(raw, key)}
+    if flat:
+        for name, cls in _FUSIONS.items():
+            if cls is not None and cls.from_legacy(flat) and not isinstance(raw.get(name), dict):
+                raw[name] = cls.from_legacy(flat)
+    return from_dict(ModelConfig, raw, "model.")
 
 
-def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, naming the offending key on any mismatch."""
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"'{where}' must be a mapping of keys, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"Unknown config key '{prefix}{key}'.{hint} Valid keys under {where}: {', '.join(names)}."
-            )
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
+def _legacy_keys() -> dict[str, list[str]]:
+    """Each flat key of earlier versions -> the `model.<strategy>.<key>` names it became."""
+    moved: dict[str, list[str]] = {}
+    for name, cls in sorted(_FUSIONS.items()):
+        for old, new in (cls.legacy_keys if cls is not None else {}).items():
+            moved.setdefault(old, []).append(f"model.{name}.{new}")
+    return moved
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value or {}, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if isinstance(value, dict):  # e.g. Union[str, DataFile]: a mapping picks the dataclass
-            inner = [a for a in inner if dataclasses.is_dataclass(a)] or inner
-        return _coerce(inner[0], value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"Config key '{key}' must be one of {list(args)}, got {value!r}.")
-        return value
-    if origin is list:
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"Config key '{key}' must be a list, got {value!r}.")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"Config key '{key}' must be true or false, got {value!r}.")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"Config key '{key}' must be an integer, got {value!r}.")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML reads `1e-4` (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"Config key '{key}' must be a number, got {value!r}.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"Config key '{key}' must be a string, got {value!r}.")
-        return value
-    raise ConfigError(f"Config key '{key}' has an unsupported type {tp}.")  # pragma: no cover
+def _is_legacy(raw: dict[str, Any], key: str) -> bool:
+    """`key` is there in its flat form (a section of the same name, like `projector`, is a mapping or empty)."""
+    return key in raw and not isinstance(raw[key], dict) and not (key in _FUSIONS and raw[key] is None)

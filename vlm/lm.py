@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -90,3 +92,46 @@ def fit_lm_to_tokenizer(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         if end_id not in eos:
             lm.generation_config.eos_token_id = eos + [end_id]
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# Dotted paths of the decoder layer list in common architectures, tried in order.
+LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM
+    "model.language_model.layers",  # multimodal wrappers around a text decoder
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
+    "model.decoder.layers",  # OPT
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+    "transformer.blocks",  # MPT
+    "transformer.layers",
+    "layers",
+)
+
+
+def _resolve(root: nn.Module, path: str) -> nn.Module | None:
+    node: Any = root
+    for part in path.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node if isinstance(node, nn.Module) else None
+
+
+def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The ModuleList holding the decoder layers, located by known paths, else by size."""
+    n_layers = getattr(lm.config.get_text_config(), "num_hidden_layers", None) if hasattr(lm, "config") else None
+    for path in LAYER_PATHS:
+        found = _resolve(lm, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0 and (n_layers is None or len(found) == n_layers):
+            return found
+    candidates = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if n_layers and candidates:
+        return candidates[0]
+    raise ValueError(
+        f"Cannot find the decoder layers of {type(lm).__name__}; add its layer-list path to LAYER_PATHS "
+        "in vlm/lm.py."
+    )
+
+
+def shard_units(lm: nn.Module) -> list[nn.Module]:
+    """The LM's FSDP units: its decoder layers (the root holds embeddings, final norm and head)."""
+    return list(find_decoder_layers(lm))

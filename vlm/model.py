@@ -16,13 +16,13 @@ from transformers import (
 )
 
 from .atomic import atomic_directory
-from .config import ModelConfig, config_to_dict, from_dict
+from .config import ModelConfig, config_to_dict, saved_model_config
 from .constants import WEIGHTS_NAME
 from .data.collator import Collator
 from .data.processor import IGNORE_INDEX, VLMProcessor
 from .data.sample import Sample
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
-from .fusion import Fusion, build_fusion
+from .fusion import Fusion, LMShape, VisionShape, build_fusion
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer, upgrade_chat_template
 
 
@@ -48,7 +48,6 @@ class VLM(nn.Module):
         self.fusion = fusion
         self.lm = lm
         self.tokenizer = tokenizer
-        fusion.attach_vision(vision)
         fusion.attach(lm, tokenizer.convert_tokens_to_ids(config.image_token))
         self.processor = VLMProcessor(
             tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image
@@ -71,7 +70,7 @@ class VLM(nn.Module):
         )
         lm, tokenizer = load_language_model(config.lm, config.trust_remote_code)
         fit_lm_to_tokenizer(lm, tokenizer, prepare_tokenizer(tokenizer, config.image_token))
-        fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm.config.get_text_config().hidden_size)
+        fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm.config))
         return cls(config, vision, fusion, lm, tokenizer)
 
     @staticmethod
@@ -86,7 +85,8 @@ class VLM(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
             prepare_tokenizer(tokenizer, config.image_token)
             lm_config = AutoConfig.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
-        fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm_config.get_text_config().hidden_size)
+        with torch.device("meta"):  # only its tokens_per_image is read: allocate nothing
+            fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm_config))
         return VLMProcessor(tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -220,7 +220,7 @@ class VLM(nn.Module):
         config, vision, tokenizer, lm_config = _saved_parts(directory)
         lm = AutoModelForCausalLM.from_config(lm_config, trust_remote_code=config.trust_remote_code)
         lm.generation_config = lm.generation_config.from_pretrained(directory)
-        fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm_config.get_text_config().hidden_size)
+        fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm_config))
         model = cls(config, vision, fusion, lm, tokenizer)
         load_model(model, str(directory / WEIGHTS_NAME))
         return model
@@ -231,7 +231,7 @@ def _saved_parts(directory: Path) -> tuple[ModelConfig, VisionEncoder, PreTraine
     if not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
     meta = json.loads((directory / "config.json").read_text())
-    config = from_dict(ModelConfig, meta["model"], "model.")
+    config = saved_model_config(meta["model"])
     config.pretrained = config.init_from = None
     vision = load_saved_encoder(
         directory / "vision", meta["vision_library"], config.vision_feature_layer,

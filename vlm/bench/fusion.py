@@ -27,8 +27,8 @@ from ..progress import progress_bar
 STRATEGY_OVERRIDES: dict[str, list[str]] = {
     "early": ["model.fusion=early"],
     "projector": ["model.fusion=projector"],
-    "resampler": ["model.fusion=resampler", "model.resampler_latents=16"],
-    "cross_attention": ["model.fusion=cross_attention", "model.cross_attn_every_n_layers=1"],
+    "resampler": ["model.fusion=resampler", "model.resampler.latents=16"],
+    "cross_attention": ["model.fusion=cross_attention", "model.cross_attention.every_n_layers=1"],
     "late": ["model.fusion=late"],
 }
 """Per-strategy settings applied before the user's overrides; any other name means `model.fusion=<name>`."""

@@ -33,6 +33,8 @@ class VisionEncoder(nn.Module, ABC):
         self.num_patches = 0
         self.image_size: tuple[int, int] = (0, 0)
         """(H, W) of the preprocessed pixel_values the tower takes."""
+        self.num_prefix_tokens = 0
+        """Leading CLS / register tokens of the backbone's output that are dropped (`drop_prefix_tokens`)."""
 
     def _measure(self, image_size: tuple[int, int]) -> None:
         """Record the output shape by running one blank image (cheaper than model-specific arithmetic)."""
@@ -62,6 +64,23 @@ class VisionEncoder(nn.Module, ABC):
         if side * side != self.num_patches:
             raise ValueError(f"{self.source}: {self.num_patches} output tokens do not form a square grid.")
         return side, side
+
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP units, innermost first: the backbone's repeated blocks (timm `blocks`, transformers
+        `encoder.layers`) if it has them, then the tower itself."""
+        for module in self.modules():
+            for attr in ("blocks", "layers", "layer"):
+                found = getattr(module, attr, None)
+                if isinstance(found, nn.ModuleList) and len(found) > 1:
+                    return [*found, self]
+        return [self]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the backbone's activations in the backward pass (each library's own mechanism)."""
+        if hasattr(self.model, "set_grad_checkpointing"):  # timm
+            self.model.set_grad_checkpointing(True)
+        else:  # transformers
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
 
     @abstractmethod
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -39,18 +39,17 @@ class HFVisionEncoder(VisionEncoder):
         config = self.model.config
         image_size = getattr(config, "image_size", 224)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self._num_prefix = 0
         self._measure(size)
         patch = getattr(config, "patch_size", None)
         if patch is not None and drop_prefix_tokens:
             grid_tokens = (size[0] // patch) * (size[1] // patch)
-            self._num_prefix = max(self.num_patches - grid_tokens, 0)  # CLS / register tokens lead the sequence
-            self.num_patches -= self._num_prefix
+            self.num_prefix_tokens = max(self.num_patches - grid_tokens, 0)  # CLS / register tokens lead the sequence
+            self.num_patches -= self.num_prefix_tokens
         self.set_frozen(True)
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[self.feature_layer][:, self._num_prefix :]
+        return out.hidden_states[self.feature_layer][:, self.num_prefix_tokens :]
 
     def image_transform(self) -> ImageTransform:
         processor = self.image_processor

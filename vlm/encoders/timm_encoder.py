@@ -30,6 +30,7 @@ class TimmVisionEncoder(VisionEncoder):
         # Blocks after the chosen one never influence the output: drop them so no step pays for them.
         self.model.prune_intermediate_layers([self._block_index], prune_norm=True, prune_head=True)
         self._nlc = hasattr(self.model, "num_prefix_tokens")
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0)) if drop_prefix_tokens else 0
         self.data_config = resolve_data_config(model=self.model)
         self._measure(tuple(self.data_config["input_size"][1:]))
         self.set_frozen(True)

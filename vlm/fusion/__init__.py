@@ -1,10 +1,12 @@
-"""Fusion strategies, registered by name; importing this package registers all of them."""
+"""Fusion strategies, registered by name; importing this package imports every module in it, so each
+strategy file registers itself (a new strategy is a new file here, nothing else to edit)."""
 
-from . import projector  # noqa: F401  (registers "projector")
-from . import cross_attention  # noqa: F401  (registers "cross_attention")
-from . import early  # noqa: F401  (registers "early")
-from . import late  # noqa: F401  (registers "late")
-from . import resampler_projector  # noqa: F401  (registers "resampler")
-from .base import Fusion, build_fusion, register_fusion
+import importlib
+import pkgutil
 
-__all__ = ["Fusion", "build_fusion", "register_fusion"]
+from .base import Fusion, LMShape, VisionShape, build_fusion, register_fusion
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["Fusion", "LMShape", "VisionShape", "build_fusion", "register_fusion"]

@@ -8,23 +8,25 @@ image at or before it in its sample:
     x = x + tanh(a_ffn)  * FFN(Norm(x))
 
 with both gates 0 at init, so the VLM starts as exactly the base LM. The blocks are the fusion's
-parameters; the LM's chosen layers are wrapped once (`attach`) by `PreLayerWrapper`, which runs the
-per-call `VisualState` handed down through the LM's forward keywords (or, in `generate`, a scoped
-context variable). Nothing visual is stored on a module between calls.
+parameters, created with it (sized from the LM's shape); `attach` wraps the LM's chosen layers once
+in `PreLayerWrapper`, which runs the per-call `VisualState` handed down through the LM's forward
+keywords (or, in `generate`, a scoped context variable). Nothing visual is stored on a module
+between calls. Options: `model.cross_attention` (`CrossAttentionOptions`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .base import Fusion, register_fusion
-from .decoder_layers import STATE_KWARG, active_state, find_decoder_layers, past_length_of_call, wrap_layers
+from ..config import ConfigError, FusionOptions
+from .base import Fusion, LMShape, VisionShape, register_fusion
+from .decoder_layers import STATE_KWARG, active_state, past_length_of_call, wrap_layers
 from .resampler import PerceiverResampler
 
 
@@ -121,31 +123,68 @@ class VisualState:
         return block(hidden_states, k, v, key_mask, (slot >= 0).unsqueeze(-1))
 
 
-@register_fusion("cross_attention")
+@dataclass
+class CrossAttentionOptions(FusionOptions):
+    """`model.cross_attention`: where the gated blocks go and what they read."""
+
+    every_n_layers: int = 4
+    """A gated cross-attention block before every n-th LM layer (1: every layer)."""
+    heads: Optional[int] = None
+    """Attention heads of each block; null: the LM's."""
+    resampler_depth: int = 0
+    """Perceiver-resampler layers before the blocks; 0: none, the blocks read the patch tokens (projected)."""
+    resampler_latents: int = 64
+    """With `resampler_depth` >= 1: visual tokens per image (learned latents)."""
+
+    legacy_keys = {
+        "cross_attn_every_n_layers": "every_n_layers", "cross_attn_heads": "heads",
+        "resampler_depth": "resampler_depth", "resampler_latents": "resampler_latents",
+    }
+
+    def __post_init__(self) -> None:
+        if self.every_n_layers < 1:
+            raise ConfigError(f"model.cross_attention.every_n_layers must be >= 1, got {self.every_n_layers}.")
+        if self.heads is not None and self.heads < 1:
+            raise ConfigError(f"model.cross_attention.heads must be >= 1 or null, got {self.heads}.")
+        if self.resampler_depth < 0 or self.resampler_latents < 1:
+            raise ConfigError(
+                "model.cross_attention.resampler_depth must be >= 0 and model.cross_attention.resampler_latents "
+                f">= 1, got {self.resampler_depth} and {self.resampler_latents}."
+            )
+
+
+@register_fusion("cross_attention", CrossAttentionOptions)
 class CrossAttentionFusion(Fusion):
-    """Gated cross-attention blocks before every `model.cross_attn_every_n_layers`-th LM layer."""
+    """Gated cross-attention blocks before every `model.cross_attention.every_n_layers`-th LM layer."""
 
     passes_lm_logits = True
 
-    def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
-        super().__init__(vision_dim, grid, lm_dim, config)
-        if config.resampler_depth < 0 or config.resampler_latents < 1:
-            raise ValueError("model.resampler_depth must be >= 0 and model.resampler_latents >= 1.")
-        if config.cross_attn_every_n_layers < 1:
-            raise ValueError(f"model.cross_attn_every_n_layers must be >= 1, got {config.cross_attn_every_n_layers}.")
-        self.every_n = config.cross_attn_every_n_layers
-        self.heads = config.cross_attn_heads
+    def __init__(self, options: CrossAttentionOptions, vision: VisionShape, lm: LMShape) -> None:
+        super().__init__(options, vision, lm)
+        chosen = [i for i in range(lm.num_layers) if (i + 1) % options.every_n_layers == 0]
+        if not chosen:
+            raise ConfigError(
+                f"model.cross_attention.every_n_layers={options.every_n_layers} selects none of the LM's "
+                f"{lm.num_layers} layers; use a value <= {lm.num_layers}."
+            )
         self.resampler = (
-            PerceiverResampler(vision_dim, config.resampler_depth, config.resampler_latents)
-            if config.resampler_depth > 0 else None
+            PerceiverResampler(self.vision_dim, options.resampler_depth, options.resampler_latents)
+            if options.resampler_depth > 0 else None
         )
-        self.visual_norm = nn.LayerNorm(vision_dim)
-        self.visual_proj = nn.Linear(vision_dim, lm_dim)
-        self.blocks = nn.ModuleDict()
+        self.visual_norm = nn.LayerNorm(self.vision_dim)
+        self.visual_proj = nn.Linear(self.vision_dim, self.lm_dim)
+        heads = options.heads or lm.num_heads
+        head_dim = lm.head_dim if not options.heads else self.lm_dim // heads
+        self.blocks = nn.ModuleDict({
+            str(i): GatedCrossAttentionBlock(self.lm_dim, heads, head_dim, lm.intermediate_size, lm.norm_eps)
+            for i in chosen
+        })
         # The `<image>` marker's own embedding, trained with the fusion while the LM's vocabulary stays
-        # frozen; created in `attach` from the LM's row, so the model still starts as the base LM.
-        self.register_parameter("image_embedding", None)
-        self.num_visual_tokens = config.resampler_latents if self.resampler is not None else grid[0] * grid[1]
+        # frozen; `attach` copies the LM's row into it, so the model still starts as the base LM.
+        self.image_embedding = nn.Parameter(torch.zeros(self.lm_dim))
+        self.num_visual_tokens = (
+            options.resampler_latents if self.resampler is not None else vision.grid[0] * vision.grid[1]
+        )
 
     @property
     def tokens_per_image(self) -> int:
@@ -158,31 +197,15 @@ class CrossAttentionFusion(Fusion):
             features = self.resampler(features)
         return self.visual_proj(self.visual_norm(features))
 
-    def attach(self, lm: nn.Module, image_token_id: int | None = None) -> None:
-        """Create the gated blocks (sized from the LM config) and wrap the chosen layers; idempotent."""
-        if image_token_id is not None and self.image_embedding is None:
-            row = lm.get_input_embeddings().weight[image_token_id]
-            self.image_embedding = nn.Parameter(row.detach().clone().float())
-        layers = find_decoder_layers(lm)
-        chosen = [i for i in range(len(layers)) if (i + 1) % self.every_n == 0]
-        if not chosen:
-            raise ValueError(
-                f"model.cross_attn_every_n_layers={self.every_n} selects none of the LM's {len(layers)} layers; "
-                f"use a value <= {len(layers)}."
-            )
-        if not len(self.blocks):
-            text = lm.config.get_text_config()
-            heads = self.heads or text.num_attention_heads
-            head_dim = getattr(text, "head_dim", None) if not self.heads else None
-            head_dim = head_dim or self.lm_dim // heads
-            ffn_dim = getattr(text, "intermediate_size", None) or 4 * self.lm_dim
-            eps = getattr(text, "rms_norm_eps", None) or getattr(text, "layer_norm_epsilon", None) or 1e-5
-            device = self.visual_proj.weight.device
-            self.blocks.update({
-                str(i): GatedCrossAttentionBlock(self.lm_dim, heads, head_dim, ffn_dim, eps).to(device)
-                for i in chosen
-            })
-        wrap_layers(lm, chosen)
+    def attach(self, lm: nn.Module, image_token_id: int) -> None:
+        """Copy the marker's LM embedding into `image_embedding` and wrap the chosen layers; idempotent."""
+        with torch.no_grad():
+            self.image_embedding.copy_(lm.get_input_embeddings().weight[image_token_id])
+        wrap_layers(lm, [int(i) for i in self.blocks])
+
+    def forward_methods(self) -> list[tuple[nn.Module, str]]:
+        """Besides the contract's methods, each block's `key_values` (run outside the block's forward)."""
+        return [*super().forward_methods(), *((block, "key_values") for block in self.blocks.values())]
 
     def visual_state(
         self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None, precompute: bool = False
@@ -193,8 +216,6 @@ class CrossAttentionFusion(Fusion):
             return None
         if image_mask is None:
             raise ValueError("The cross_attention fusion needs `image_mask` (where each image's marker sits).")
-        if not len(self.blocks):
-            raise RuntimeError("Call `fusion.attach(lm)` once before running the cross_attention fusion.")
         counts = image_mask.sum(1)  # [batch]
         if int(counts.sum()) == 0 and image_features.shape[0] == 1:
             return self._placeholder_state(image_features, image_mask)
@@ -228,7 +249,7 @@ class CrossAttentionFusion(Fusion):
 
     def _with_marker_embedding(self, embeds: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
         """embeds [batch, seq, dim] with the marker positions (image_mask [batch, seq]) set to the trained row."""
-        if image_mask is None or self.image_embedding is None:
+        if image_mask is None:
             return embeds
         return torch.where(image_mask.unsqueeze(-1), self.image_embedding.to(embeds.dtype), embeds)
 

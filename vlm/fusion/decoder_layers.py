@@ -1,4 +1,4 @@
-"""Find any HF decoder's layer list and run extra blocks before chosen layers, by composition.
+"""Run extra blocks before chosen decoder layers of any HF LM, by composition.
 
 `PreLayerWrapper` holds the original decoder layer as its child `layer`, runs a callable it is
 handed at call time (never stored) on the hidden states, then calls the layer unchanged. State-dict
@@ -14,17 +14,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
-# Dotted paths of the decoder layer list in common architectures, tried in order.
-LAYER_PATHS = (
-    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM
-    "model.language_model.layers",  # multimodal wrappers around a text decoder
-    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
-    "model.decoder.layers",  # OPT
-    "gpt_neox.layers",  # Pythia / GPT-NeoX
-    "transformer.blocks",  # MPT
-    "transformer.layers",
-    "layers",
-)
+from ..lm import find_decoder_layers
 
 STATE_KWARG = "vlm_pre_layer_state"
 """Forward keyword under which the per-call state travels from the LM's forward to its layers."""
@@ -52,31 +42,6 @@ def active_state(state: PreLayerState | None) -> Iterator[None]:
         yield
     finally:
         _ACTIVE_STATE.reset(token)
-
-
-def _resolve(root: nn.Module, path: str) -> nn.Module | None:
-    node: Any = root
-    for part in path.split("."):
-        node = getattr(node, part, None)
-        if node is None:
-            return None
-    return node if isinstance(node, nn.Module) else None
-
-
-def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The ModuleList holding the decoder layers, located by known paths, else by size."""
-    n_layers = getattr(lm.config.get_text_config(), "num_hidden_layers", None) if hasattr(lm, "config") else None
-    for path in LAYER_PATHS:
-        found = _resolve(lm, path)
-        if isinstance(found, nn.ModuleList) and len(found) > 0 and (n_layers is None or len(found) == n_layers):
-            return found
-    candidates = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if n_layers and candidates:
-        return candidates[0]
-    raise ValueError(
-        f"Cannot find the decoder layers of {type(lm).__name__}; add its layer-list path to LAYER_PATHS "
-        "in vlm/fusion/decoder_layers.py."
-    )
 
 
 def past_length_of_call(kwargs: dict[str, Any]) -> int:

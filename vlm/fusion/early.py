@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ConfigError
 from ..encoders import VisionEncoder
-from .base import Fusion, register_fusion
+from .base import Fusion, LMShape, VisionShape, register_fusion
 
 
 def patchify(pixel_values: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
@@ -31,33 +31,24 @@ class EarlyFusion(Fusion):
 
     reads_encoder_features = False
 
-    def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
-        super().__init__(vision_dim, grid, lm_dim, config)
-        self.patch: tuple[int, int] | None = None
-        self.patch_embed: nn.Linear | None = None
-        self.position_embedding = nn.Parameter(torch.randn(grid[0] * grid[1], lm_dim) * 0.02)
+    def __init__(self, options: None, vision: VisionShape, lm: LMShape) -> None:
+        super().__init__(options, vision, lm)
+        (height, width), (rows, cols) = vision.image_size, vision.grid
+        if height % rows or width % cols:
+            raise ConfigError(
+                f"model.fusion='early': the tower's {height}x{width} input does not split into its {rows}x{cols} "
+                "patch grid; use a tower whose input size is a multiple of its patch size."
+            )
+        self.patch = (height // rows, width // cols)
+        self.position_embedding = nn.Parameter(torch.randn(rows * cols, self.lm_dim) * 0.02)
+        self.patch_embed = nn.Linear(3 * self.patch[0] * self.patch[1], self.lm_dim)
 
     @property
     def tokens_per_image(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def attach_vision(self, vision: VisionEncoder) -> None:
-        """Size the patch embedding from the tower's input size and patch grid; idempotent."""
-        if self.patch_embed is not None:
-            return
-        (height, width), (rows, cols) = vision.image_size, self.grid
-        if height % rows or width % cols:
-            raise ValueError(
-                f"model.fusion='early': the {height}x{width} input of {vision.source} does not split into its "
-                f"{rows}x{cols} patch grid; use a tower whose input size is a multiple of its patch size."
-            )
-        self.patch = (height // rows, width // cols)
-        self.patch_embed = nn.Linear(3 * self.patch[0] * self.patch[1], self.lm_dim).to(self.position_embedding.device)
-
     def encode(self, vision: VisionEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [n, 3, H, W] -> flattened patches [n, rows*cols, 3*ph*pw]; the tower is not run."""
-        if self.patch is None:
-            raise RuntimeError("Call `fusion.attach_vision(vision)` once before running the early fusion.")
         return patchify(pixel_values.to(self.position_embedding.dtype), self.patch)
 
     def embed_images(self, features: torch.Tensor) -> torch.Tensor:

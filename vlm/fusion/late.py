@@ -24,32 +24,25 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import ModelConfig
-from .base import Fusion, register_fusion
+from .base import Fusion, LMShape, VisionShape, register_fusion
 
 
 @register_fusion("late")
 class LateFusion(Fusion):
     """Vision head (pooled features -> vocabulary logits) + gate on the LM's hidden state."""
 
-    def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
-        super().__init__(vision_dim, grid, lm_dim, config)
-        self.pool_norm = nn.LayerNorm(vision_dim)
-        self.hidden = nn.Linear(vision_dim, lm_dim)
-        self.head: nn.Linear | None = None  # sized from the LM's vocabulary in `attach`
-        self.gate = nn.Linear(lm_dim, 1)
+    def __init__(self, options: None, vision: VisionShape, lm: LMShape) -> None:
+        super().__init__(options, vision, lm)
+        self.pool_norm = nn.LayerNorm(self.vision_dim)
+        self.hidden = nn.Linear(self.vision_dim, self.lm_dim)
+        self.gate = nn.Linear(self.lm_dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
+        self.head = nn.Linear(self.lm_dim, lm.vocab_size)  # one row per LM output logit
 
     @property
     def tokens_per_image(self) -> int:
         return 0
-
-    def attach(self, lm: nn.Module, image_token_id: int | None = None) -> None:
-        """Create the vocabulary head (one row per LM output logit); idempotent."""
-        if self.head is None:
-            vocab = lm.get_output_embeddings().weight.shape[0]
-            self.head = nn.Linear(self.lm_dim, vocab).to(self.gate.weight.device)
 
     def embed_images(self, features: torch.Tensor) -> torch.Tensor:
         """features [n, patches, vision_dim] -> vision next-token log-probs [n, 1, vocab]."""
@@ -65,8 +58,6 @@ class LateFusion(Fusion):
             return None
         if image_mask is None:
             raise ValueError("The late fusion needs `image_mask` (where each image's marker sits).")
-        if self.head is None:
-            raise RuntimeError("Call `fusion.attach(lm)` once before running the late fusion.")
         counts = image_mask.sum(1)
         n = image_features.shape[0]
         if int(counts.sum()) == 0 and n == 1:

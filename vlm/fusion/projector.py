@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from .base import Fusion, register_fusion
+from ..config import ConfigError, FusionOptions
+from .base import Fusion, LMShape, VisionShape, register_fusion
 
 PROJECTORS = ("linear", "mlp2x_gelu", "pixel_shuffle")
 
@@ -23,27 +26,45 @@ def pixel_shuffle(features: torch.Tensor, grid: tuple[int, int], factor: int) ->
     return x.reshape(n, (rows // factor) * (cols // factor), factor * factor * d)
 
 
-@register_fusion("projector")
+@dataclass
+class ProjectorOptions(FusionOptions):
+    """`model.projector`: how each patch feature becomes an LM token."""
+
+    type: Literal["linear", "mlp2x_gelu", "pixel_shuffle"] = "mlp2x_gelu"
+    """`linear`, `mlp2x_gelu` (LLaVA-1.5) or `pixel_shuffle` (+ linear, as in Idefics3)."""
+    pixel_shuffle_factor: int = 2
+    """`type: pixel_shuffle`: fold each factor x factor block of patches into one token."""
+
+    legacy_keys = {"projector": "type", "pixel_shuffle_factor": "pixel_shuffle_factor"}
+
+    def __post_init__(self) -> None:
+        if self.pixel_shuffle_factor < 1:
+            raise ConfigError(f"model.projector.pixel_shuffle_factor must be >= 1, got {self.pixel_shuffle_factor}.")
+
+
+@register_fusion("projector", ProjectorOptions)
 class ProjectorFusion(Fusion):
-    """`model.projector`: `linear`, `mlp2x_gelu` (LLaVA-1.5) or `pixel_shuffle` (+ linear, as in Idefics3)."""
+    """`model.projector.type`: `linear`, `mlp2x_gelu` or `pixel_shuffle` + linear."""
 
     passes_lm_logits = True
 
-    def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
-        super().__init__(vision_dim, grid, lm_dim, config)
-        self.kind = config.projector
-        self.factor = config.pixel_shuffle_factor if self.kind == "pixel_shuffle" else 1
+    def __init__(self, options: ProjectorOptions, vision: VisionShape, lm: LMShape) -> None:
+        super().__init__(options, vision, lm)
+        self.kind = options.type
+        self.factor = options.pixel_shuffle_factor if self.kind == "pixel_shuffle" else 1
         if self.kind not in PROJECTORS:
-            raise ValueError(f"model.projector='{self.kind}' is unknown; choose one of {list(PROJECTORS)}.")
+            raise ConfigError(f"model.projector.type='{self.kind}' is unknown; choose one of {list(PROJECTORS)}.")
+        grid = vision.grid
         if grid[0] % self.factor or grid[1] % self.factor:
-            raise ValueError(
-                f"model.pixel_shuffle_factor={self.factor} does not divide the {grid[0]}x{grid[1]} patch grid."
+            raise ConfigError(
+                f"model.projector.pixel_shuffle_factor={self.factor} does not divide the {grid[0]}x{grid[1]} "
+                "patch grid; choose a divisor."
             )
-        in_dim = vision_dim * self.factor * self.factor
+        in_dim = self.vision_dim * self.factor * self.factor
         if self.kind == "mlp2x_gelu":
-            self.proj = nn.Sequential(nn.Linear(in_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+            self.proj = nn.Sequential(nn.Linear(in_dim, self.lm_dim), nn.GELU(), nn.Linear(self.lm_dim, self.lm_dim))
         else:
-            self.proj = nn.Linear(in_dim, lm_dim)
+            self.proj = nn.Linear(in_dim, self.lm_dim)
 
     @property
     def tokens_per_image(self) -> int:
@@ -53,3 +74,9 @@ class ProjectorFusion(Fusion):
         if self.factor > 1:
             features = pixel_shuffle(features, self.grid, self.factor)
         return self.proj(features)
+
+    def export_layers(self, fmt: str) -> dict[str, nn.Module] | str:
+        """llava-hf's `multi_modal_projector` is exactly `mlp2x_gelu`: its `linear_1` and `linear_2`."""
+        if fmt == "llava-hf" and self.kind == "mlp2x_gelu":
+            return {"linear_1": self.proj[0], "linear_2": self.proj[2]}
+        return f"model.projector.type={self.kind} has no {fmt} form (llava-hf needs mlp2x_gelu)"

@@ -29,12 +29,12 @@ def export_llava_hf(model: VLM, out: str | Path) -> Path:
         raise ExportError(
             f"llava-hf export needs a transformers vision tower (model.vision=hf:...), not {vision.library}:{vision.source}."
         )
-    if model.config.fusion != "projector" or model.config.projector != "mlp2x_gelu":
+    projector = fusion.export_layers("llava-hf")
+    if isinstance(projector, str):
         raise ExportError(
-            f"llava-hf export needs model.fusion=projector with model.projector=mlp2x_gelu, "
-            f"not {model.config.fusion}/{model.config.projector}."
+            f"llava-hf export needs model.fusion=projector with model.projector.type=mlp2x_gelu; {projector}."
         )
-    num_prefix = vision._num_prefix
+    num_prefix = vision.num_prefix_tokens
     if num_prefix == 1:
         strategy, extra_tokens = "default", 1  # Llava drops exactly one CLS token
     elif num_prefix == 0:
@@ -57,8 +57,8 @@ def export_llava_hf(model: VLM, out: str | Path) -> Path:
     llava = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
         llava.model.vision_tower.load_state_dict(vision.model.state_dict())
-        llava.model.multi_modal_projector.linear_1.load_state_dict(fusion.proj[0].state_dict())
-        llava.model.multi_modal_projector.linear_2.load_state_dict(fusion.proj[2].state_dict())
+        for name, layer in projector.items():  # linear_1, linear_2
+            getattr(llava.model.multi_modal_projector, name).load_state_dict(layer.state_dict())
         llava.model.language_model.load_state_dict(lm.get_decoder().state_dict())
         llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     llava.generation_config = lm.generation_config

@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..atomic import write_text_atomic
+from ..config import saved_model_config
 from ..constants import ADAPTER_META
 
 CARD_NAME = "README.md"
@@ -101,11 +102,13 @@ def build_model_card(
     model = meta.get("model", {})
     vision_spec, lm_spec = model.get("vision", ""), model.get("lm", "")
     vision, lm = base_model_name(vision_spec, folder / "vision"), base_model_name(lm_spec, folder / "lm")
-    fusion = model.get("fusion", "projector")
-    fusion_text = f"`{fusion}`" + (f" (`{model['projector']}`)" if fusion == "projector" and model.get("projector") else "")
+    config = saved_model_config(model)
+    fusion = config.fusion
+    projector = config.options["projector"].type if fusion == "projector" else None
+    fusion_text = f"`{fusion}`" + (f" (`{projector}`)" if projector else "")
     tags = ["vision-language", PIPELINE_TAG, "vlm", f"fusion-{fusion}"]
-    if fusion == "projector" and model.get("projector"):
-        tags.append(f"projector-{model['projector']}")
+    if projector:
+        tags.append(f"projector-{projector}")
     if adapter:
         tags.append("lora")
     data = ModelCardData(
@@ -128,8 +131,7 @@ def build_model_card(
         tokens_per_image=meta.get("tokens_per_image", "?"),
         snippet=loading_snippet(repo_id, adapter),
         llava_commands=llava_commands(repo_id),
-        llava_note=meta.get("vision_library") == "transformers" and fusion == "projector"
-        and model.get("projector") == "mlp2x_gelu",
+        llava_note=meta.get("vision_library") == "transformers" and projector == "mlp2x_gelu",
         metrics=_metric_rows(metrics),
         train_config=yaml.safe_dump(train_config, sort_keys=False) if train_config else "",
     )

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_directory
-from ..config import LoraConfig, ModelConfig, config_to_dict, from_dict
+from ..config import LoraConfig, config_to_dict, saved_model_config
 from ..constants import ADAPTER_META
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def load_adapter_folder(directory: str | Path, is_trainable: bool = False) -> nn
     if meta["base"]:
         model = VLM.from_pretrained(meta["base"])
     else:
-        config = from_dict(ModelConfig, meta["model"], "model.")
+        config = saved_model_config(meta["model"])
         config.pretrained = config.init_from = None
         model = VLM.from_config(config)
     model.lm = PeftModel.from_pretrained(model.lm, str(directory), is_trainable=is_trainable)

@@ -123,21 +123,11 @@ def checkpoint_module(module: nn.Module) -> None:
         module.forward = types.MethodType(_checkpointed_forward, module)
 
 
-def fusion_blocks(fusion: nn.Module) -> list[nn.Module]:
-    """The fusion's repeated blocks (children of its ModuleLists / ModuleDicts: cross-attention blocks,
-    resampler layers); a fusion without any (a projector) gets its parameterised top-level modules."""
-    blocks = [
-        child for container in fusion.modules() if isinstance(container, (nn.ModuleList, nn.ModuleDict))
-        for child in container.children()
-    ]
-    return blocks or [child for child in fusion.children() if any(True for _ in child.parameters())]
-
-
 def apply_gradient_checkpointing(model: nn.Module, components: bool | Sequence[str]) -> list[str]:
     """Recompute activations in the backward pass for the chosen components; returns those applied.
 
     components: True (the LM, the old boolean `train.gradient_checkpointing`), False / [] (none), or
-    names from `lm` (every decoder layer, transformers' own mechanism), `fusion` (see `fusion_blocks`),
+    names from `lm` (every decoder layer, transformers' own mechanism), `fusion` (what `Fusion.checkpointable_modules` names),
     `vision` (only when the tower trains: a frozen tower keeps no activations anyway).
     """
     if components is True:
@@ -155,18 +145,14 @@ def apply_gradient_checkpointing(model: nn.Module, components: bool | Sequence[s
         model.lm.activation_checkpointing_enable({"use_reentrant": False})
         applied.append("lm")
     if "fusion" in components:
-        for block in fusion_blocks(model.fusion):
+        for block in model.fusion.checkpointable_modules():
             checkpoint_module(block)
         applied.append("fusion")
     if "vision" in components:
         if getattr(model.vision, "frozen", True):
             logger.info("Gradient checkpointing: the vision tower is frozen (no activations kept); skipped.")
         else:
-            tower = model.vision.model
-            if hasattr(tower, "set_grad_checkpointing"):  # timm
-                tower.set_grad_checkpointing(True)
-            else:  # transformers
-                tower.activation_checkpointing_enable({"use_reentrant": False})
+            model.vision.enable_gradient_checkpointing()
             applied.append("vision")
     if applied:
         logger.info("Gradient checkpointing on: %s.", ", ".join(applied))

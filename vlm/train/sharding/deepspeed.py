@@ -68,9 +68,8 @@ class DeepSpeedStrategy(Strategy):
         if self.stage == 3:
             # Parameters the fusion uses directly (not through a submodule's forward) are fetched
             # whenever the VLM's forward runs.
-            for param in model.fusion._parameters.values():
-                if param is not None:
-                    deepspeed.zero.register_external_parameter(model, param)
+            for param in model.fusion.external_parameters():
+                deepspeed.zero.register_external_parameter(model, param)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=self.inner, optimizer=optimizer, config=self.ds_config(), dist_init_required=False
         )

@@ -1,11 +1,12 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and optimizer state sharded.
 
-Units, innermost first: each LM decoder layer; each block of the fusion's block lists (e.g. one per
-gated cross-attention block); the fusion module; the vision tower (its blocks and itself) only with
-`train.shard_vision`; and the VLM root (token embeddings, final norm, LM head; a replicated tower is
-left out via `ignored_params`). In the `align` and `finetune` stages each unit is either wholly frozen
-or wholly trained. Fusion methods other than `forward` that touch parameters are registered so FSDP
-gathers the parameters for them too.
+Units, innermost first, as each component names its own (cf. prismatic's per-backbone
+`get_fsdp_wrapping_policy`): the LM's decoder layers (`vlm.lm.shard_units`); the fusion's units
+(`Fusion.shard_units`, e.g. one per gated cross-attention block, then the fusion); the vision tower's
+(`VisionEncoder.shard_units`) only with `train.shard_vision`; and the VLM root (token embeddings, final
+norm, LM head; a replicated tower is left out via `ignored_params`). In the `align` and `finetune`
+stages each unit is either wholly frozen or wholly trained. The methods other than `forward` that the
+fusion says touch parameters (`Fusion.forward_methods`) are registered so FSDP gathers for them too.
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from ...fusion.decoder_layers import find_decoder_layers
+from ... import lm as lm_units
 from .base import OptimizerFactory, Strategy
 from .dcp_state import load_dcp, save_dcp
-
-FUSION_METHODS = ("embed_images", "lm_forward", "lm_generate", "encode")
-"""Fusion entry points the model calls besides `forward`."""
 
 
 class FSDP2Strategy(Strategy):
@@ -35,23 +33,16 @@ class FSDP2Strategy(Strategy):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
             else MixedPrecisionPolicy()
         shard = dict(mesh=mesh, mp_policy=mp)
-        for layer in find_decoder_layers(model.lm):
+        for layer in lm_units.shard_units(model.lm):
             fully_shard(layer, **shard)
-        for child in model.fusion.children():
-            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-                for block in child.values() if isinstance(child, nn.ModuleDict) else child:
-                    fully_shard(block, **shard)
-                    if hasattr(block, "key_values"):
-                        register_fsdp_forward_method(block, "key_values")
-        fully_shard(model.fusion, **shard)
-        for method in FUSION_METHODS:
-            if hasattr(model.fusion, method):
-                register_fsdp_forward_method(model.fusion, method)
+        for unit in model.fusion.shard_units():
+            fully_shard(unit, **shard)
+        for module, method in model.fusion.forward_methods():
+            register_fsdp_forward_method(module, method)
         ignored = None
         if self.config.train.shard_vision:
-            for block in _vision_blocks(model.vision):
-                fully_shard(block, **shard)
-            fully_shard(model.vision, **shard)
+            for unit in model.vision.shard_units():
+                fully_shard(unit, **shard)
         else:
             ignored = set(model.vision.parameters())
         fully_shard(model, ignored_params=ignored, **shard)
@@ -74,12 +65,3 @@ class FSDP2Strategy(Strategy):
             state.setdefault(f"vision.{name}", tensor.detach().cpu())
         return state
 
-
-def _vision_blocks(vision: nn.Module) -> list[nn.Module]:
-    """The tower's repeated blocks (timm `blocks`, transformers `encoder.layers`), if it has them."""
-    for module in vision.modules():
-        for attr in ("blocks", "layers", "layer"):
-            found = getattr(module, attr, None)
-            if isinstance(found, nn.ModuleList) and len(found) > 1:
-                return list(found)
-    return []
