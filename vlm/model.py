@@ -22,6 +22,7 @@ from .data.processor import IGNORE_INDEX, VLMProcessor
 from .data.sample import Sample
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
 from .fusion import Fusion, build_fusion
+from .image_slots import is_placeholder
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer, upgrade_chat_template
 
 WEIGHTS_NAME = "model.safetensors"
@@ -120,8 +121,8 @@ class VLM(nn.Module):
             image_embeds = self.fusion.embed_images(features).to(embeds.dtype)
             mask = image_mask if image_mask is not None else input_ids == self.image_token_id
             slots = int(mask.sum())
-            if slots == 0 and image_embeds.shape[0] == 1:
-                # A placeholder image in a text-only training batch (see Fusion.lm_forward): the fusion
+            if is_placeholder(slots, image_embeds.shape[0]):
+                # The placeholder image of a text-only training batch (vlm/image_slots.py): the fusion
                 # runs, so every rank joins the same collectives, and contributes exactly nothing.
                 return embeds + image_embeds.sum() * 0, features
             if slots != image_embeds.shape[0] * image_embeds.shape[1]:

@@ -25,6 +25,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import ModelConfig
+from ..image_slots import check_markers, image_index, is_placeholder
 from .base import Fusion, register_fusion
 
 
@@ -67,22 +68,16 @@ class LateFusion(Fusion):
             raise ValueError("The late fusion needs `image_mask` (where each image's marker sits).")
         if self.head is None:
             raise RuntimeError("Call `fusion.attach(lm)` once before running the late fusion.")
-        counts = image_mask.sum(1)
         n = image_features.shape[0]
-        if int(counts.sum()) == 0 and n == 1:
-            # A placeholder image in a text-only training batch (see Fusion.lm_forward): every position
+        if is_placeholder(int(image_mask.sum()), n):
+            # The placeholder image of a text-only training batch (vlm/image_slots.py): every position
             # is text-only, the head still runs so all its parameters take part (with zero effect).
             vision_logp = self.embed_images(image_features)[:, 0]
             return vision_logp.expand(*image_mask.shape, -1), torch.zeros_like(image_mask)
-        if int(counts.sum()) != n:
-            raise ValueError(
-                f"The batch has {int(counts.sum())} image marker(s) but {n} image(s); the text and the images "
-                "do not match."
-            )
+        check_markers(image_mask, n)
         vision_logp = self.embed_images(image_features)[:, 0]  # [n, vocab]
-        slot = image_mask.long().cumsum(1) - 1  # [batch, seq]; -1 before the first image
-        index = ((counts.cumsum(0) - counts).unsqueeze(1) + slot).clamp(0, n - 1)
-        return vision_logp[index], slot >= 0
+        index = image_index(image_mask)  # [batch, seq]; -1 before the sample's first image
+        return vision_logp[index.clamp(min=0)], index >= 0
 
     def mix(
         self, lm_logits: torch.Tensor, hidden: torch.Tensor, vision_logp: torch.Tensor, has_image: torch.Tensor

@@ -28,6 +28,7 @@ from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
 from ..data.sampler import LengthGroupedSampler, estimate_lengths
 from ..hub.publish import TrainingPublisher
+from ..image_slots import with_placeholder
 from ..model import VLM
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
@@ -100,17 +101,6 @@ def supervised_tokens(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else 0
 
 
-def with_placeholder(inputs: dict[str, Any], model: VLM, cached: bool) -> dict[str, Any]:
-    """A text-only batch gets one placeholder image with no marker (zero contribution, see
-    `Fusion.lm_forward`), so every rank runs the vision path and the fusion every step."""
-    if inputs.get("pixel_values") is not None or inputs.get("image_features") is not None:
-        return inputs
-    vision = model.vision
-    if cached:
-        return {**inputs, "image_features": torch.zeros(1, vision.num_patches, vision.hidden_size)}
-    return {**inputs, "pixel_values": torch.zeros(1, 3, *vision.image_size)}
-
-
 def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
@@ -125,7 +115,7 @@ def evaluate_loss(strategy: Strategy, loader: DataLoader, config: Config, env: D
         if "input_ids" not in batch:
             continue
         tokens = supervised_tokens(batch)
-        inputs = to_device(with_placeholder(model_inputs(batch), model, config.data.cache_features), env.device)
+        inputs = to_device(with_placeholder(model_inputs(batch), model.vision, config.data.cache_features), env.device)
         with strategy.autocast():
             out = module(**inputs, num_items_in_batch=torch.tensor(max(tokens, 1), device=env.device))
         total += torch.tensor([float(out.loss) * max(tokens, 1), tokens], dtype=torch.float64)
@@ -311,7 +301,7 @@ def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: C
             last_good[:] = [batch]
         else:  # every sample of this micro-batch was unreadable: rerun a good one at weight 0
             batch = _zero_weight(last_good[0])
-        inputs = to_device(with_placeholder(model_inputs(batch), model, config.data.cache_features), env.device)
+        inputs = to_device(with_placeholder(model_inputs(batch), model.vision, config.data.cache_features), env.device)
         with strategy.micro_batch(last=i == len(micro) - 1):
             with strategy.autocast():
                 out = strategy.model(**inputs, num_items_in_batch=global_tokens)
@@ -322,7 +312,7 @@ def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: C
                 loss_sum += float(out.loss.detach()) * float(global_tokens)
             elif strategy.backward_every_micro_batch:
                 # DeepSpeed's accumulation boundary needs a backward: a finite, zero-weight one.
-                replay = to_device(with_placeholder(model_inputs(_zero_weight(last_good[0])), model,
+                replay = to_device(with_placeholder(model_inputs(_zero_weight(last_good[0])), model.vision,
                                                     config.data.cache_features), env.device)
                 with strategy.autocast():
                     strategy.backward(strategy.model(**replay, num_items_in_batch=global_tokens).loss)
