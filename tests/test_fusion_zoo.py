@@ -44,7 +44,8 @@ def _batch(model: VLM, samples: list[Sample], side: str = "right") -> dict:
 
 
 def _forward(model: VLM, batch: dict):
-    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    """Loss and logits at every position (with labels, the model's default is logits where the loss reads)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"], full_logits=True)
 
 
 @pytest.mark.parametrize("fusion", STRATEGIES)
@@ -121,7 +122,7 @@ def test_late_fusion_without_image_is_exactly_the_text_lm(model_config):
     # A placeholder image with no marker (distributed training's text-only batch): the LM, unchanged,
     # with every fusion parameter still in the graph.
     pixels = _batch(model, _samples()[:1])["pixel_values"]
-    out = model(text_only["input_ids"], text_only["attention_mask"], pixels, text_only["labels"])
+    out = model(text_only["input_ids"], text_only["attention_mask"], pixels, text_only["labels"], full_logits=True)
     bare = model.lm(input_ids=text_only["input_ids"], attention_mask=text_only["attention_mask"])
     assert torch.equal(out.logits, bare.logits)
     out.loss.backward()

@@ -18,12 +18,13 @@ from transformers import (
 from .atomic import atomic_directory
 from .config import ModelConfig, config_to_dict, from_dict
 from .data.collator import Collator
-from .data.processor import IGNORE_INDEX, VLMProcessor
+from .data.processor import VLMProcessor
 from .data.sample import Sample
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
 from .fusion import Fusion, build_fusion
 from .image_slots import is_placeholder
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer, upgrade_chat_template
+from .loss import causal_lm_loss, logits_positions
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -57,9 +58,7 @@ class VLM(nn.Module):
         )
         self.image_token_id = self.processor.image_token_id
         # The LM can compute logits at chosen positions only (transformers' `logits_to_keep`).
-        self._logits_at_labels = (
-            fusion.passes_lm_logits and "logits_to_keep" in inspect.signature(lm.forward).parameters
-        )
+        self._logits_at_labels = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VLM":
@@ -136,32 +135,30 @@ class VLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, full_logits: bool = False,
-        **kwargs: Any,
+        num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any,
     ) -> Any:
         """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W].
 
         With labels, the LM's output head runs only where the loss reads it (positions followed by a
-        supervised token; prompts and image slots are most of a sequence) when the fusion hands the LM's
-        output through (`Fusion.passes_lm_logits`): `logits` is then [num_supervised, vocab] and the loss
-        is the same. `full_logits=True` keeps [batch, seq, vocab].
+        supervised token; prompts and image slots are most of a sequence): `logits` is then
+        [num_supervised, vocab] and the loss is the same. `full_logits=True` keeps [batch, seq, vocab].
+        num_items_in_batch: the global batch's supervised tokens (see `vlm.loss.causal_lm_loss`).
         """
         image_mask = input_ids == self.image_token_id
         embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask)
-        if labels is None or full_logits or not self._logits_at_labels or "logits_to_keep" in kwargs:
-            return self.fusion.lm_forward(
-                self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-                image_mask=image_mask, labels=labels, **kwargs,
-            )
-        keep = torch.zeros_like(labels, dtype=torch.bool)  # position t predicts token t + 1
-        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        kept = None
+        if labels is not None and not full_logits and self._logits_at_labels and "logits_to_keep" not in kwargs:
+            kept = kwargs["logits_to_keep"] = logits_positions(labels)
         out = self.fusion.lm_forward(
             self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-            image_mask=image_mask, logits_to_keep=keep, **kwargs,
+            image_mask=image_mask, **kwargs,
         )
-        out.loss = self.lm.loss_function(
-            out.logits, None, vocab_size=out.logits.shape[-1], shift_labels=labels[:, 1:][keep[:, :-1]],
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-        )
+        if labels is not None:
+            loss = causal_lm_loss(out.logits, labels, num_items_in_batch, kept)
+            aux_logits = getattr(out, "aux_logits", None)  # more predictions of the same tokens (FusionOutput)
+            if aux_logits is not None:
+                loss = loss + causal_lm_loss(aux_logits, labels, num_items_in_batch, kept)
+            out.loss = loss
         return out
 
     @torch.no_grad()

@@ -21,10 +21,10 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from ..encoders import ImageTransform
+from ..loss import IGNORE_INDEX
 from ..config import DataConfig
 from .sample import ROLES, Sample, SampleError
 
-IGNORE_INDEX = -100
 DEFAULT_MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
 
 

@@ -5,6 +5,6 @@ from . import cross_attention  # noqa: F401  (registers "cross_attention")
 from . import early  # noqa: F401  (registers "early")
 from . import late  # noqa: F401  (registers "late")
 from . import resampler_projector  # noqa: F401  (registers "resampler")
-from .base import Fusion, build_fusion, register_fusion
+from .base import Fusion, FusionOutput, build_fusion, register_fusion
 
-__all__ = ["Fusion", "build_fusion", "register_fusion"]
+__all__ = ["Fusion", "FusionOutput", "build_fusion", "register_fusion"]

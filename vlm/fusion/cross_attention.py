@@ -126,8 +126,6 @@ class VisualState:
 class CrossAttentionFusion(Fusion):
     """Gated cross-attention blocks before every `model.cross_attn_every_n_layers`-th LM layer."""
 
-    passes_lm_logits = True
-
     def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
         super().__init__(vision_dim, grid, lm_dim, config)
         if config.resampler_depth < 0 or config.resampler_latents < 1:

@@ -27,8 +27,6 @@ def pixel_shuffle(features: torch.Tensor, grid: tuple[int, int], factor: int) ->
 class ProjectorFusion(Fusion):
     """`model.projector`: `linear`, `mlp2x_gelu` (LLaVA-1.5) or `pixel_shuffle` (+ linear, as in Idefics3)."""
 
-    passes_lm_logits = True
-
     def __init__(self, vision_dim: int, grid: tuple[int, int], lm_dim: int, config: ModelConfig) -> None:
         super().__init__(vision_dim, grid, lm_dim, config)
         self.kind = config.projector

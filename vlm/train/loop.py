@@ -29,6 +29,7 @@ from ..data.formats import read_samples
 from ..data.sampler import LengthGroupedSampler, estimate_lengths
 from ..hub.publish import TrainingPublisher
 from ..image_slots import with_placeholder
+from ..loss import IGNORE_INDEX, count_supervised
 from ..model import VLM
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
@@ -97,8 +98,8 @@ def build_feature_cache(model: VLM, config: Config, env: DistEnv) -> FeatureCach
 
 
 def supervised_tokens(batch: dict[str, Any]) -> int:
-    """Tokens the loss reads: labels are shifted by one inside the LM's loss."""
-    return int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else 0
+    """Tokens the loss reads (vlm/loss.py); 0 for a batch whose samples all failed to load."""
+    return count_supervised(batch["labels"]) if "labels" in batch else 0
 
 
 def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -328,7 +329,7 @@ def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: C
 
 def _zero_weight(batch: dict[str, Any]) -> dict[str, Any]:
     """The same inputs with no supervised token: the forward and backward run, the gradient is zero."""
-    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
 
 
 def _log_step(state: dict[str, Any], result: dict[str, Any], scheduler: Any, trackers: "Trackers",
