@@ -67,8 +67,8 @@ def worker(args: argparse.Namespace) -> None:
     config = load_config(args.config, [f"train.strategy={args.strategy}", f"train.batch_size={args.batch_size}",
                                        "train.report_to=none", f"output_dir={args.tmp}"])
     strategy = build_strategy(config, env)
-    model = build_model(config)
-    data = ConversationDataset.from_files(config.data.train_files, model.processor, config.data.image_root,
+    model, processor = build_model(config)
+    data = ConversationDataset.from_files(config.data.train_files, processor, config.data.image_root,
                                           data=config.data)
     sampler = ResumableSampler(data, env.world_size, env.rank, shuffle=True, seed=0)
     loader = iter(make_loader(data, model.tokenizer.pad_token_id, args.batch_size, False, config, sampler))

@@ -1,4 +1,8 @@
-"""The VLM: a vision encoder, a fusion strategy and a causal LM, composed — nothing more."""
+"""The VLM: a vision encoder, a fusion strategy and a causal LM, composed — nothing more.
+
+It takes tensors; turning samples into them is `VLMProcessor`'s job (vlm/processor.py), and
+`vlm.factory` builds the two together. Its loss is `vlm.loss.causal_lm_loss`, nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_directory
-from .config import ModelConfig, config_to_dict, from_dict
-from .data.collator import Collator
-from .data.processor import VLMProcessor
-from .data.sample import Sample
+from .config import ModelConfig, config_to_dict
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
+from .folder import load_saved_tokenizer, read_saved_config
 from .fusion import Fusion, build_fusion
 from .image_slots import is_placeholder
-from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer, upgrade_chat_template
+from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
 from .loss import causal_lm_loss, logits_positions
 
 WEIGHTS_NAME = "model.safetensors"
@@ -52,11 +51,8 @@ class VLM(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         fusion.attach_vision(vision)
-        fusion.attach(lm, tokenizer.convert_tokens_to_ids(config.image_token))
-        self.processor = VLMProcessor(
-            tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image
-        )
-        self.image_token_id = self.processor.image_token_id
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        fusion.attach(lm, self.image_token_id)
         # The LM can compute logits at chosen positions only (transformers' `logits_to_keep`).
         self._logits_at_labels = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
@@ -74,21 +70,6 @@ class VLM(nn.Module):
         fit_lm_to_tokenizer(lm, tokenizer, prepare_tokenizer(tokenizer, config.image_token))
         fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm.config.get_text_config().hidden_size)
         return cls(config, vision, fusion, lm, tokenizer)
-
-    @staticmethod
-    def build_processor(config: ModelConfig) -> VLMProcessor:
-        """The processor `from_config` would give, without loading the LM's weights (for data checks)."""
-        if config.init_from or config.pretrained:
-            config, vision, tokenizer, lm_config = _saved_parts(Path(config.init_from or config.pretrained))
-        else:
-            vision = load_vision_encoder(
-                config.vision, config.vision_feature_layer, config.vision_drop_prefix_tokens, config.trust_remote_code
-            )
-            tokenizer = AutoTokenizer.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
-            prepare_tokenizer(tokenizer, config.image_token)
-            lm_config = AutoConfig.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
-        fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm_config.get_text_config().hidden_size)
-        return VLMProcessor(tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[num_images, 3, H, W] -> what the fusion reads, by default the tower's features
@@ -176,17 +157,6 @@ class VLM(nn.Module):
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    def generate(
-        self, images: list[Image.Image] | None = None, prompt: str = "", max_new_tokens: int = 64, **kwargs: Any
-    ) -> str:
-        """Answer one prompt about the given images; images without a tag in the prompt go first."""
-        images = list(images or [])
-        missing = len(images) - prompt.count(self.config.image_token)
-        text = f"{self.config.image_token}\n" * max(missing, 0) + prompt
-        sample = Sample(id="prompt", messages=[{"role": "user", "content": text}], images=images)
-        batch = Collator(self.tokenizer.pad_token_id, "left")([self.processor(sample, for_generation=True)])
-        return self.generate_from_batch(batch, max_new_tokens, **kwargs)[0]
-
     def save_pretrained(self, directory: str | Path) -> None:
         """A self-contained folder that loads offline; written to a temporary folder, then renamed in."""
         if hasattr(self.lm, "peft_config"):
@@ -215,8 +185,17 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VLM":
+        """The model of a saved folder (its processor: `VLMProcessor.from_pretrained`, or `vlm.factory.load`)."""
         directory = Path(directory)
-        config, vision, tokenizer, lm_config = _saved_parts(directory)
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
+        meta, config = read_saved_config(directory)
+        vision = load_saved_encoder(
+            directory / "vision", meta["vision_library"], config.vision_feature_layer,
+            config.vision_drop_prefix_tokens, config.trust_remote_code,
+        )
+        tokenizer = load_saved_tokenizer(directory, config)
+        lm_config = AutoConfig.from_pretrained(directory / "lm", trust_remote_code=config.trust_remote_code)
         lm = AutoModelForCausalLM.from_config(lm_config, trust_remote_code=config.trust_remote_code)
         lm.generation_config = lm.generation_config.from_pretrained(directory)
         fusion = build_fusion(config, vision.hidden_size, vision.grid_size, lm_config.get_text_config().hidden_size)
@@ -224,19 +203,3 @@ class VLM(nn.Module):
         load_model(model, str(directory / WEIGHTS_NAME))
         return model
 
-
-def _saved_parts(directory: Path) -> tuple[ModelConfig, VisionEncoder, PreTrainedTokenizerBase, PretrainedConfig]:
-    """Config, vision tower (architecture only), tokenizer and LM config of a saved VLM folder."""
-    if not (directory / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
-    meta = json.loads((directory / "config.json").read_text())
-    config = from_dict(ModelConfig, meta["model"], "model.")
-    config.pretrained = config.init_from = None
-    vision = load_saved_encoder(
-        directory / "vision", meta["vision_library"], config.vision_feature_layer,
-        config.vision_drop_prefix_tokens, config.trust_remote_code,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
-    upgrade_chat_template(tokenizer, config.image_token)
-    lm_config = AutoConfig.from_pretrained(directory / "lm", trust_remote_code=config.trust_remote_code)
-    return config, vision, tokenizer, lm_config

@@ -9,14 +9,16 @@ the k-th length-grouped global batch of W*B samples.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from .processor import VLMProcessor
 from .sample import Sample
+
+if TYPE_CHECKING:  # the processor (vlm/processor.py) imports this package's modules
+    from ..processor import VLMProcessor
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -27,10 +27,12 @@ from ..data.dataset import ConversationDataset
 from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
 from ..data.sampler import LengthGroupedSampler, estimate_lengths
+from ..factory import build
 from ..hub.publish import TrainingPublisher
 from ..image_slots import with_placeholder
 from ..loss import IGNORE_INDEX, count_supervised
 from ..model import VLM
+from ..processor import VLMProcessor
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .freezing import apply_stage
@@ -67,14 +69,15 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {key: batch[key] for key in keys if batch.get(key) is not None}
 
 
-def build_model(config: Config) -> VLM:
-    """The VLM with its trainable parts decided (stage, freezing); the same call at start and at export."""
-    model = VLM.from_config(config.model)
+def build_model(config: Config) -> tuple[VLM, VLMProcessor]:
+    """The VLM with its trainable parts decided (stage, freezing), and its processor with the data settings;
+    the same call at start and at export."""
+    model, processor = build(config.model, config.data)
     apply_stage(model, config.train)  # stage, train.freeze, and LoRA adapters when train.lora.enabled
-    return model
+    return model, processor
 
 
-def build_feature_cache(model: VLM, config: Config, env: DistEnv) -> FeatureCache:
+def build_feature_cache(model: VLM, processor: VLMProcessor, config: Config, env: DistEnv) -> FeatureCache:
     """Encode every training / eval image once (each rank a share), before the first step."""
     if not model.vision.frozen:
         raise ValueError("data.cache_features needs a frozen vision encoder; this stage trains it.")
@@ -91,7 +94,7 @@ def build_feature_cache(model: VLM, config: Config, env: DistEnv) -> FeatureCach
         samples += read_samples(file, config.data.image_root, caption_prompt=config.data.caption_prompt,
                                 vqa_prompt=config.data.vqa_prompt)[0]
     started = time.perf_counter()
-    encoded = cache.fill(samples, model.processor, vision, config.train.batch_size, env.rank, env.world_size)
+    encoded = cache.fill(samples, processor, vision, config.train.batch_size, env.rank, env.world_size)
     barrier(env)
     logger.info("Feature cache %s: %d image(s) encoded in %.1fs.", cache.root, encoded, time.perf_counter() - started)
     return cache
@@ -116,7 +119,8 @@ def evaluate_loss(strategy: Strategy, loader: DataLoader, config: Config, env: D
         if "input_ids" not in batch:
             continue
         tokens = supervised_tokens(batch)
-        inputs = to_device(with_placeholder(model_inputs(batch), model.vision, config.data.cache_features), env.device)
+        inputs = to_device(with_placeholder(model_inputs(batch), model.vision, config.data.cache_features),
+                           env.device)
         with strategy.autocast():
             out = module(**inputs, num_items_in_batch=torch.tensor(max(tokens, 1), device=env.device))
         total += torch.tensor([float(out.loss) * max(tokens, 1), tokens], dtype=torch.float64)
@@ -138,17 +142,14 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
     output_dir = Path(config.output_dir)
     set_seed(config.train.seed)
     strategy = build_strategy(config, env)
-    model = build_model(config)
+    model, processor = build_model(config)
     if config.train.gradient_checkpointing:
         apply_gradient_checkpointing(model, config.train.gradient_checkpointing_components)
     maybe_compile(model, config.train.compile)
-    model.processor.max_length = config.data.max_length
-    model.processor.truncate_text = config.data.truncate_text
-    model.processor.max_image_pixels = config.data.max_image_pixels
 
-    cache = build_feature_cache(model, config, env) if config.data.cache_features else None
+    cache = build_feature_cache(model, processor, config, env) if config.data.cache_features else None
     train_set = ConversationDataset.from_files(
-        config.data.train_files, model.processor, config.data.image_root, config.data.strict,
+        config.data.train_files, processor, config.data.image_root, config.data.strict,
         feature_cache=cache, image_dropout=config.train.image_dropout, seed=config.train.seed, data=config.data,
     )
     if len(train_set) == 0:
@@ -156,7 +157,7 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
                         "run `vlm data check` on them.")
     pad = model.tokenizer.pad_token_id
     if config.data.group_by_length:
-        lengths = estimate_lengths(train_set.samples, model.processor)
+        lengths = estimate_lengths(train_set.samples, processor)
         sampler = LengthGroupedSampler(lengths, config.train.batch_size, env.world_size, env.rank,
                                        seed=config.train.seed)
     else:
@@ -165,7 +166,7 @@ def _train(config: Config, env: DistEnv) -> dict[str, Any]:
     eval_loader = None
     if config.data.eval_files:
         eval_set = ConversationDataset.from_files(
-            config.data.eval_files, model.processor, config.data.image_root, feature_cache=cache, data=config.data,
+            config.data.eval_files, processor, config.data.image_root, feature_cache=cache, data=config.data,
         )
         eval_sampler = ResumableSampler(eval_set, env.world_size, env.rank, shuffle=False, seed=0)
         eval_loader = make_loader(eval_set, pad, config.train.eval_batch_size or config.train.batch_size, False,
@@ -302,7 +303,8 @@ def _step(strategy: Strategy, model: VLM, micro: list[dict[str, Any]], config: C
             last_good[:] = [batch]
         else:  # every sample of this micro-batch was unreadable: rerun a good one at weight 0
             batch = _zero_weight(last_good[0])
-        inputs = to_device(with_placeholder(model_inputs(batch), model.vision, config.data.cache_features), env.device)
+        inputs = to_device(with_placeholder(model_inputs(batch), model.vision, config.data.cache_features),
+                           env.device)
         with strategy.micro_batch(last=i == len(micro) - 1):
             with strategy.autocast():
                 out = strategy.model(**inputs, num_items_in_batch=global_tokens)
@@ -365,7 +367,7 @@ def _finish(strategy: Strategy, config: Config, env: DistEnv, state: dict[str, A
         trackers.log({"eval/loss": summary["eval_loss"]}, state["step"])
     full = strategy.full_state_dict()  # collective for sharded strategies
     if env.is_main:
-        model = strategy.unwrapped() if strategy.replicated else build_model(config)
+        model = strategy.unwrapped() if strategy.replicated else build_model(config)[0]
         if not strategy.replicated:
             model.load_state_dict(full)
         save_final(model, output_dir / "final", merge=config.export.merge_lora,
