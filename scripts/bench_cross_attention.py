@@ -20,6 +20,7 @@ from PIL import Image
 from vlm.config import ModelConfig
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
+from vlm.factory import processor_for
 from vlm.model import VLM
 from vlm.embedded.tiny_backbones import make_tiny_backbones
 
@@ -64,7 +65,7 @@ def main() -> None:
                    [Image.new("RGB", (64, 64), (40 * i, 30 * j, 200)) for j in range(args.images)])
             for i in range(args.batch)
         ]
-        encoded = [model.processor(s, for_generation=True) for s in samples]
+        encoded = [processor_for(model)(s, for_generation=True) for s in samples]
         batch = Collator(model.tokenizer.pad_token_id, "left")(encoded)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with torch.no_grad():

@@ -19,7 +19,7 @@ from vlm.config import load_config
 from vlm.data.dataset import ConversationDataset
 from vlm.data.feature_cache import FeatureCache, encoder_fingerprint
 from vlm.data.formats import read_samples
-from vlm.model import VLM
+from vlm.factory import build
 from vlm.train.freezing import apply_stage
 from vlm.train.batches import make_loader, model_inputs
 from vlm.train.optim import build_optimizer
@@ -34,18 +34,18 @@ def main() -> None:
 
     config = load_config(args.config, ["train.stage=align"])
     torch.manual_seed(0)
-    model = VLM.from_config(config.model)
+    model, processor = build(config.model, config.data)
     apply_stage(model, "align")
     samples = read_samples(config.data.train_files[0], config.data.image_root)[0]
     vision = model.vision
     with tempfile.TemporaryDirectory() as root:
         cache = FeatureCache(root, encoder_fingerprint(vision), (vision.num_patches, vision.hidden_size))
         started = time.perf_counter()
-        cache.fill(samples, model.processor, vision, batch_size=64)
+        cache.fill(samples, processor, vision, batch_size=64)
         fill_seconds = time.perf_counter() - started
         modes = {}
         for name, feature_cache in (("recompute", None), ("cached", cache)):
-            dataset = ConversationDataset(samples, model.processor, feature_cache=feature_cache)
+            dataset = ConversationDataset(samples, processor, feature_cache=feature_cache)
             replica = copy.deepcopy(model)
             modes[name] = {
                 "model": replica, "optimizer": build_optimizer(replica, config),

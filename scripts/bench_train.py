@@ -62,7 +62,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm.config import ModelConfig  # noqa: E402
 from vlm.data.collator import Collator  # noqa: E402
 from vlm.data.sample import Sample  # noqa: E402
+from vlm.factory import processor_for  # noqa: E402
 from vlm.hub.export import export_llava_hf  # noqa: E402
+from vlm.loss import IGNORE_INDEX, count_supervised  # noqa: E402
 from vlm.model import VLM  # noqa: E402
 from vlm.embedded.tiny_backbones import build_tokenizer, english_text  # noqa: E402
 from vlm.train.freezing import apply_stage  # noqa: E402
@@ -130,14 +132,14 @@ def make_batch(model: VLM, batch_size: int, question_words: int, answer_words: i
     Llava gets exactly the same tensors (same `<image>` id, same number of image slots)."""
     rng = random.Random(0)
     words = " ".join(english_text(200, 1)).split()
-    items = []
+    processor, items = processor_for(model), []
     for i in range(batch_size):
         q = " ".join(rng.choices(words, k=max(1, round(question_words * rng.uniform(0.75, 1.25)))))
         a = " ".join(rng.choices(words, k=max(1, round(answer_words * rng.uniform(0.75, 1.25)))))
         image = Image.new("RGB", (px, px), tuple(rng.randrange(256) for _ in range(3)))
         sample = Sample(f"s{i}", [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}],
                         [image])
-        items.append(model.processor(sample))
+        items.append(processor(sample))
     batch = Collator(model.tokenizer.pad_token_id, "right")(items)
     return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
@@ -188,7 +190,7 @@ def step_flops(model: VLM, batch: dict[str, Any], stage: str) -> float:
     vcfg, tcfg = model.vision.model.config, model.lm.config
     n_images, batch_size, seq = batch["pixel_values"].shape[0], *batch["input_ids"].shape
     tokens = int(batch["attention_mask"].sum())
-    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    supervised = count_supervised(batch["labels"])
     patches_total = (vcfg.image_size // vcfg.patch_size) ** 2 + (1 if "clip" in vcfg.model_type else 0)
     layers_used = model.vision.feature_layer % (vcfg.num_hidden_layers + 1)
     d, ffn = vcfg.hidden_size, vcfg.intermediate_size
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = make_batch(ours, batch_size, size["question_words"], size["answer_words"], px)
     tokens = int(batch["attention_mask"].sum())
     images = batch["pixel_values"].shape[0]
-    supervised = int((batch["labels"] != -100).sum())
+    supervised = int((batch["labels"] != IGNORE_INDEX).sum())
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     print(f"sizes={args.sizes} tower={args.tower} {px}px device={args.device} dtype={args.dtype} "

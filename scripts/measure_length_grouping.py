@@ -13,7 +13,7 @@ import torch
 from vlm.config import load_config
 from vlm.data.mixture import read_files
 from vlm.data.samplers import LengthGroupedSampler, estimate_lengths
-from vlm.model import VLM
+from vlm.factory import build_processor
 
 
 def padding_share(order: list[int], lengths: list[int], batch_size: int) -> float:
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     config = load_config(args.config)
-    processor = VLM.build_processor(config.model)
+    processor = build_processor(config.model, config.data)
     samples, _ = read_files(config.data.train_files, config.data.image_root, config.data)
     started = time.perf_counter()
     estimated = estimate_lengths(samples, processor)

@@ -10,12 +10,13 @@ from PIL import Image
 
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
+from vlm.factory import processor_for
 from vlm.model import VLM
 
 
 def _logits(model: VLM, image: Path) -> torch.Tensor:
     sample = Sample("s", [{"role": "user", "content": "<image>\nWhat is it?"}], [str(image)])
-    batch = Collator(model.tokenizer.pad_token_id, "left")([model.processor(sample, for_generation=True)])
+    batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(sample, for_generation=True)])
     with torch.no_grad():
         return model.eval()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
 

@@ -14,8 +14,9 @@ import torch
 
 from vlm.data.collator import Collator
 from vlm.data.formats import read_samples
-from vlm.train.freezing import apply_stage
+from vlm.factory import processor_for
 from vlm.train import speed
+from vlm.train.freezing import apply_stage
 from vlm.train.speed import _CompileGuard, compile_unsupported_reason, maybe_compile
 
 BACKEND = os.environ.get("VLM_TEST_COMPILE_BACKEND", "aot_eager")
@@ -23,7 +24,7 @@ BACKEND = os.environ.get("VLM_TEST_COMPILE_BACKEND", "aot_eager")
 
 def batch_of(model, synthetic, n: int = 2) -> dict:
     samples = read_samples(synthetic["train"])[0][:n]
-    batch = Collator(model.tokenizer.pad_token_id, "right")([model.processor(s) for s in samples])
+    batch = Collator(model.tokenizer.pad_token_id, "right")([processor_for(model)(s) for s in samples])
     return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_model
 from vlm.constants import WEIGHTS_NAME
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
+from vlm.factory import processor_for
 from vlm.fusion.decoder_layers import PreLayerWrapper
 from vlm.model import VLM
 
@@ -39,7 +40,7 @@ def batch_of(model: VLM, specs: list[tuple[str, list]], padding_side: str = "rig
         Sample(f"s{i}", [{"role": "user", "content": text}] + answer, [Image.new("RGB", (64, 64), c) for c in colours])
         for i, (text, colours) in enumerate(specs)
     ]
-    encoded = [model.processor(s, for_generation=prompt) for s in samples]
+    encoded = [processor_for(model)(s, for_generation=prompt) for s in samples]
     return Collator(model.tokenizer.pad_token_id, padding_side)(encoded)
 
 

@@ -3,6 +3,8 @@ import json
 from PIL import Image
 
 from vlm.cli import main
+from vlm.config import DataConfig
+from vlm.factory import processor_for
 
 
 def write_data(tmp_path):
@@ -91,27 +93,25 @@ def test_truncate_text_cuts_after_the_image_tokens(tmp_path, backbones, capsys):
 def test_truncation_never_cuts_image_tokens(tiny_vlm, tmp_path):
     import pytest
 
-    from vlm.data.processor import IGNORE_INDEX
+    from vlm.loss import IGNORE_INDEX
     from vlm.data.sample import Sample, SampleError
 
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
-    proc = tiny_vlm.processor
+    proc = processor_for(tiny_vlm)
     per_image = proc.tokens_per_image
     sample = Sample("s", [{"role": "user", "content": "<image>\n" + "word " * 50},
                           {"role": "assistant", "content": "yes " * 20}], [str(tmp_path / "a.png")])
     full = proc(sample)["input_ids"]
-    proc.max_length, proc.truncate_text = len(full) - 5, True
-    item = proc(sample)
+    item = processor_for(tiny_vlm, DataConfig(max_length=len(full) - 5, truncate_text=True))(sample)
     assert len(item["input_ids"]) == len(full) - 5
     assert int((item["input_ids"] == proc.image_token_id).sum()) == per_image
     assert (item["labels"] != IGNORE_INDEX).any()
-    proc.max_length = per_image  # the image's tokens alone do not fit: dropped, never cut
-    with pytest.raises(SampleError, match="image tokens alone") as err:
-        proc(sample)
+    tight = processor_for(tiny_vlm, DataConfig(max_length=per_image, truncate_text=True))
+    with pytest.raises(SampleError, match="image tokens alone") as err:  # image tokens are dropped, never cut
+        tight(sample)
     assert err.value.category == "too_long"
-    proc.truncate_text = False
     with pytest.raises(SampleError, match="data.truncate_text=true"):
-        proc(sample)
+        processor_for(tiny_vlm, DataConfig(max_length=per_image))(sample)
 
 
 def test_length_grouped_sampler_is_deterministic_and_shards():

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vlm.config import load_config
+from vlm.factory import processor_for
 from vlm.model import VLM
 from vlm.train import train
 from vlm.train.checkpoint import list_checkpoints
@@ -150,7 +151,7 @@ def test_final_folder_is_gathered_and_unsharded(runs, strategy, synthetic):
     from vlm.data.collator import Collator
     from vlm.data.formats import read_samples
 
-    item = single.processor(read_samples(synthetic["train"])[0][0])
+    item = processor_for(single)(read_samples(synthetic["train"])[0][0])
     batch = Collator(single.tokenizer.pad_token_id)([item])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():

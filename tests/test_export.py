@@ -11,6 +11,8 @@ from vlm.cli import main
 from vlm.config import ModelConfig
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
+from vlm.factory import processor_for
+from vlm.pipeline import Pipeline
 from vlm.hub.export import export_llava_hf
 from vlm.lm import LEGACY_CHAT_TEMPLATE
 from vlm.model import VLM
@@ -36,7 +38,7 @@ def test_transformers_llava_gives_our_logits_and_tokens(exported, tmp_path):
     image = Image.new("RGB", (48, 40), (200, 60, 30))
     image.save(tmp_path / "im.png")
     sample = Sample("s", [{"role": "user", "content": "<image>\nWhat colour is it?"}], [str(tmp_path / "im.png")])
-    batch = Collator(ours.tokenizer.pad_token_id, "left")([ours.processor(sample, for_generation=True)])
+    batch = Collator(ours.tokenizer.pad_token_id, "left")([processor_for(ours)(sample, for_generation=True)])
 
     # The exported processor alone (chat template + image expansion) builds the same inputs.
     prompt = processor.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
@@ -77,7 +79,7 @@ def test_transformers_message_format_gives_the_same_ids_and_answer(exported):
 
     new = llava.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     theirs = processor.decode(new[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert theirs == ours.generate([image], question, max_new_tokens=8, min_new_tokens=8)
+    assert theirs == Pipeline(ours).generate([image], question, max_new_tokens=8, min_new_tokens=8)
     assert theirs, "eight greedy tokens decode to some text"
 
     # The saved VLM folder's own tokenizer takes both forms too, and renders them identically.
@@ -134,7 +136,7 @@ def test_tiny_siglip_tower_exports_to_llava_with_equal_logits(backbones, tmp_pat
     image = Image.new("RGB", (64, 64), (30, 60, 200))
     image.save(tmp_path / "im.png")
     sample = Sample("s", [{"role": "user", "content": "<image>\nWhat shape is it?"}], [str(tmp_path / "im.png")])
-    batch = Collator(model.tokenizer.pad_token_id, "left")([model.processor(sample, for_generation=True)])
+    batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(sample, for_generation=True)])
     prompt = processor.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
     theirs = processor(images=image, text=prompt, return_tensors="pt")
     assert theirs["input_ids"].tolist() == batch["input_ids"].tolist()

@@ -7,6 +7,7 @@ from PIL import Image
 from vlm.config import load_config
 from vlm.data.feature_cache import FeatureCache, encoder_fingerprint
 from vlm.data.formats import read_samples
+from vlm.factory import processor_for
 from vlm.train import train
 
 
@@ -33,17 +34,17 @@ def test_corrupt_entries_are_rebuilt_and_keys_follow_content(tiny_vlm, synthetic
     vision = tiny_vlm.vision
     samples = read_samples(synthetic["eval"])[0][:4]
     cache = FeatureCache(tmp_path, encoder_fingerprint(vision), (vision.num_patches, vision.hidden_size))
-    assert cache.fill(samples, tiny_vlm.processor, vision) == 4
-    assert cache.fill(samples, tiny_vlm.processor, vision) == 0  # everything already there
+    assert cache.fill(samples, processor_for(tiny_vlm), vision) == 4
+    assert cache.fill(samples, processor_for(tiny_vlm), vision) == 0  # everything already there
 
     image = samples[0].images[0]
-    pixels = tiny_vlm.processor.image_transform(Image.open(image)).unsqueeze(0)
+    pixels = processor_for(tiny_vlm).image_transform(Image.open(image)).unsqueeze(0)
     torch.testing.assert_close(cache.get(image), vision(pixels)[0])
 
     entry = next(p for p in cache.root.rglob("*.safetensors") if p.stem == cache.key(image))
     entry.write_bytes(entry.read_bytes()[:50])  # a partial write
     assert cache.get(image) is None and not entry.exists() and cache.rebuilt == 1
-    assert cache.fill(samples, tiny_vlm.processor, vision) == 1
+    assert cache.fill(samples, processor_for(tiny_vlm), vision) == 1
 
     changed = tmp_path / "changed.png"
     Image.open(image).transpose(Image.FLIP_LEFT_RIGHT).save(changed)

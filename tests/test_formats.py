@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from vlm.config import DataConfig, DataFile, load_config
+from vlm.data.checks import check_sample
 from vlm.data.formats import read_samples
+from vlm.data.images import load_images
 from vlm.data.mixture import read_files
-from vlm.data.processor import check_sample, load_images
 from vlm.data.sample import IMAGE_TAG
 
 COLOURS = {"a.png": (200, 20, 20), "b.png": (20, 200, 20), "c.png": (20, 20, 200)}

@@ -12,6 +12,7 @@ from vlm.data.collator import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.dropout import drop_images, dropout_generator
 from vlm.data.sample import Sample
+from vlm.factory import processor_for
 from vlm.model import VLM
 
 STRATEGIES = ["early", "resampler", "late"]
@@ -40,11 +41,12 @@ def _build(model_config, fusion: str) -> VLM:
 
 
 def _batch(model: VLM, samples: list[Sample], side: str = "right") -> dict:
-    return Collator(model.tokenizer.pad_token_id, side)([model.processor(s) for s in samples])
+    return Collator(model.tokenizer.pad_token_id, side)([processor_for(model)(s) for s in samples])
 
 
 def _forward(model: VLM, batch: dict):
-    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    """Loss and logits at every position (with labels, the model's default is logits where the loss reads)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"], full_logits=True)
 
 
 @pytest.mark.parametrize("fusion", STRATEGIES)
@@ -121,7 +123,7 @@ def test_late_fusion_without_image_is_exactly_the_text_lm(model_config):
     # A placeholder image with no marker (distributed training's text-only batch): the LM, unchanged,
     # with every fusion parameter still in the graph.
     pixels = _batch(model, _samples()[:1])["pixel_values"]
-    out = model(text_only["input_ids"], text_only["attention_mask"], pixels, text_only["labels"])
+    out = model(text_only["input_ids"], text_only["attention_mask"], pixels, text_only["labels"], full_logits=True)
     bare = model.lm(input_ids=text_only["input_ids"], attention_mask=text_only["attention_mask"])
     assert torch.equal(out.logits, bare.logits)
     out.loss.backward()
@@ -132,7 +134,7 @@ def test_late_fusion_generate_matches_forward_argmax(model_config):
     model = _build(model_config, "late").eval()
     model.lm.generation_config.eos_token_id = None  # decode the full length
     sample = _samples()[0]
-    batch = Collator(model.tokenizer.pad_token_id, "left")([model.processor(sample, for_generation=True)])
+    batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(sample, for_generation=True)])
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         image_mask = ids == model.image_token_id
@@ -148,7 +150,7 @@ def test_late_fusion_generate_matches_forward_argmax(model_config):
 def test_resampler_occupies_resampler_latents_slots(model_config):
     model = _build(model_config, "resampler")
     assert model.fusion.tokens_per_image == 4
-    item = model.processor(_samples()[0])
+    item = processor_for(model)(_samples()[0])
     assert int((item["input_ids"] == model.image_token_id).sum()) == 4
 
 
@@ -162,12 +164,12 @@ def _two_image_sample() -> Sample:
 def test_image_dropout_removes_tags_and_visual_tokens_together(model_config):
     model = _build(model_config, "resampler")
     sample = _two_image_sample()
-    answer = model.processor(sample)["labels"]
+    answer = processor_for(model)(sample)["labels"]
 
     dropped = drop_images(sample, 1.0, torch.Generator().manual_seed(0))
     assert dropped.images == [] and "<image>" not in dropped.messages[0]["content"]
     assert dropped.messages[0]["content"] == "First then: which is red?"
-    item = model.processor(dropped)  # a valid text-only sample
+    item = processor_for(model)(dropped)  # a valid text-only sample
     assert item["pixel_values"] is None and not bool((item["input_ids"] == model.image_token_id).any())
     assert torch.equal(item["labels"][item["labels"] != -100], answer[answer != -100])  # the answer is kept
 
@@ -175,7 +177,7 @@ def test_image_dropout_removes_tags_and_visual_tokens_together(model_config):
     seen = set()
     for seed in range(40):
         half = drop_images(sample, 0.5, torch.Generator().manual_seed(seed))
-        item = model.processor(half)
+        item = processor_for(model)(half)
         n = len(half.images)
         assert int((item["input_ids"] == model.image_token_id).sum()) == 4 * n
         assert (0 if item["pixel_values"] is None else item["pixel_values"].shape[0]) == n
@@ -188,7 +190,7 @@ def test_image_dropout_is_deterministic_per_seed_epoch_index(model_config):
     samples = [dataclasses.replace(_samples()[i % 2], id=str(i)) for i in range(24)]
 
     def kept(seed: int, epoch: int) -> list[bool]:
-        dataset = ConversationDataset(samples, model.processor, image_dropout=0.5, seed=seed)
+        dataset = ConversationDataset(samples, processor_for(model), image_dropout=0.5, seed=seed)
         dataset.set_epoch(epoch)
         return [dataset[i]["pixel_values"] is not None for i in range(len(dataset))]
 

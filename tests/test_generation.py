@@ -21,6 +21,8 @@ from vlm.config import load_config
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
 from vlm.embedded.synthetic import Scene, caption, render_scene
+from vlm.factory import processor_for
+from vlm.pipeline import Pipeline
 from vlm.model import VLM
 from vlm.train import train
 
@@ -75,7 +77,7 @@ def _samples() -> list[Sample]:
 
 def _generate_tokens(model: VLM, samples: list[Sample], max_new_tokens: int = 16) -> list[list[int]]:
     """Each sample's new tokens up to and including the first end token, from one left-padded batch."""
-    batch = Collator(model.tokenizer.pad_token_id, "left")([model.processor(s, for_generation=True) for s in samples])
+    batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(s, for_generation=True) for s in samples])
     embeds, features = model.embed(batch["input_ids"], batch["pixel_values"])
     new = model.fusion.lm_generate(
         model.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"], image_features=features,
@@ -97,7 +99,7 @@ def test_greedy_generation_equals_the_teacher_forced_argmax(trained: VLM):
     generated = _generate_tokens(trained, samples)
     assert any(len(tokens) > 2 for tokens in generated), generated
     for sample, tokens in zip(samples, generated):
-        prompt = trained.processor(sample, for_generation=True)
+        prompt = processor_for(trained)(sample, for_generation=True)
         ids = torch.cat([prompt["input_ids"], torch.tensor(tokens, dtype=torch.long)]).unsqueeze(0)
         logits = trained(ids, torch.ones_like(ids), prompt["pixel_values"], full_logits=True).logits[0]
         start = prompt["input_ids"].shape[0] - 1  # the logit at position t predicts token t + 1
@@ -112,5 +114,5 @@ def test_greedy_generation_equals_the_teacher_forced_argmax(trained: VLM):
 def test_different_images_give_different_captions(trained: VLM):
     scenes = SCENES[:2]  # trained on; they differ in every attribute
     images = [render_scene(s, rng=random.Random(i)) for i, s in enumerate(scenes)]
-    captions = [trained.generate([image], "Describe the image.", max_new_tokens=16) for image in images]
+    captions = [Pipeline(trained).generate([image], "Describe the image.", max_new_tokens=16) for image in images]
     assert captions[0] != captions[1], (captions, [caption(s) for s in scenes])

@@ -8,6 +8,7 @@ import torch
 from vlm.config import ConfigError, ModelConfig, load_config
 from vlm.data.collator import Collator
 from vlm.data.formats import read_samples
+from vlm.factory import processor_for
 from vlm.model import VLM
 from vlm.train.freezing import apply_stage
 from vlm.train.speed import apply_gradient_checkpointing
@@ -56,7 +57,7 @@ def step(model, batch) -> tuple[float, dict[str, torch.Tensor], int, dict[str, i
 
 def test_checkpointing_lm_and_fusion_keeps_results_and_saves_memory(xattn_vlm, synthetic):
     samples = read_samples(synthetic["train"])[0][:3]
-    batch = Collator(xattn_vlm.tokenizer.pad_token_id)([xattn_vlm.processor(s) for s in samples])
+    batch = Collator(xattn_vlm.tokenizer.pad_token_id)([processor_for(xattn_vlm)(s) for s in samples])
     batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
     plain_loss, plain_grads, plain_saved, plain_calls = step(xattn_vlm, batch)
 

@@ -15,7 +15,7 @@ from vlm.cli import main
 from vlm.config import ConfigError, load_config
 from vlm.data.check import check_data
 from vlm.data.formats import read_samples
-from vlm.data.processor import load_images
+from vlm.data.images import load_images
 from vlm.data.sample import DataError, Sample, SampleError
 
 QA = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "green"}]
@@ -140,7 +140,7 @@ def test_the_reason_says_what_is_wrong(tmp_path, sample_id, needle):
         errors[err.sample_id] = str(err)
     for sample in samples:
         try:
-            from vlm.data.processor import check_sample
+            from vlm.data.checks import check_sample
 
             check_sample(sample, "<image>")
             load_images(sample, max_pixels=1_000_000)

@@ -6,6 +6,7 @@ import torch
 from vlm.config import Config, LoraConfig, TrainConfig, load_config
 from vlm.data.collator import Collator
 from vlm.data.formats import read_samples
+from vlm.factory import processor_for
 from vlm.model import VLM
 from vlm.train.freezing import apply_stage
 from vlm.train.lora import has_lora, load_adapter_folder, save_adapter, save_final
@@ -22,7 +23,7 @@ def lora_model(model_config, **lora):
 
 def batch(model, synthetic, n=8):
     samples = read_samples(synthetic["train"])[0][:n]
-    return Collator(model.tokenizer.pad_token_id)([model.processor(s) for s in samples])
+    return Collator(model.tokenizer.pad_token_id)([processor_for(model)(s) for s in samples])
 
 
 def inputs(b):

@@ -4,7 +4,10 @@ from PIL import Image
 
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
+from vlm.factory import build_processor, processor_for
 from vlm.model import VLM
+from vlm.pipeline import Pipeline
+from vlm.processor import VLMProcessor
 
 
 @pytest.fixture()
@@ -27,7 +30,7 @@ def mixed_batch(model: VLM, images: list[str], padding_side: str = "right") -> d
         Sample("one", [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "blue"}],
                images[1:]),
     ]
-    return Collator(model.tokenizer.pad_token_id, padding_side)([model.processor(s) for s in samples])
+    return Collator(model.tokenizer.pad_token_id, padding_side)([processor_for(model)(s) for s in samples])
 
 
 def test_image_features_are_scattered_in_order_and_text_is_untouched(tiny_vlm, images):
@@ -95,13 +98,13 @@ def test_batched_generation_matches_one_by_one(tiny_vlm, images):
         Sample("b", [{"role": "user", "content": "<image>\nDescribe it in detail please."}], images[1:]),
     ]
     collate = Collator(tiny_vlm.tokenizer.pad_token_id, "left")
-    encoded = [tiny_vlm.processor(s, for_generation=True) for s in samples]
+    encoded = [processor_for(tiny_vlm)(s, for_generation=True) for s in samples]
     together = tiny_vlm.generate_from_batch(collate(encoded), max_new_tokens=6, min_new_tokens=6)
     alone = [tiny_vlm.generate_from_batch(collate([e]), max_new_tokens=6, min_new_tokens=6)[0] for e in encoded]
     assert together == alone
     assert all(text for text in together)
-    api = tiny_vlm.generate(images=[Image.open(images[0])], prompt="What colour is the shape?", max_new_tokens=6,
-                            min_new_tokens=6)
+    api = Pipeline(tiny_vlm).generate(images=[Image.open(images[0])], prompt="What colour is the shape?",
+                                      max_new_tokens=6, min_new_tokens=6)
     assert api == together[0]
 
 
@@ -125,14 +128,18 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_vlm, images):
         torch.testing.assert_close(a, b)
 
 
-def test_build_processor_matches_the_model_processor(tiny_vlm, model_config, images, tmp_path):
+def test_processor_alone_matches_the_model_processor(tiny_vlm, model_config, images, tmp_path):
+    """From a config (no LM weights) or a saved folder (no weights at all), the processor `build` gives."""
     from vlm.config import ModelConfig
 
     sample = Sample("s", [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "red"}],
                     images[:1])
-    expected = tiny_vlm.processor(sample)
+    expected = processor_for(tiny_vlm)(sample)
     tiny_vlm.save_pretrained(tmp_path / "saved")
-    for config in (model_config, ModelConfig(pretrained=str(tmp_path / "saved"))):
-        got = VLM.build_processor(config)(sample)
+    (tmp_path / "saved" / "model.safetensors").rename(tmp_path / "weights")  # read no weights
+    processors = [build_processor(model_config), build_processor(ModelConfig(pretrained=str(tmp_path / "saved"))),
+                  VLMProcessor.from_pretrained(tmp_path / "saved")]
+    for processor in processors:
+        got = processor(sample)
         assert got["input_ids"].tolist() == expected["input_ids"].tolist()
         torch.testing.assert_close(got["pixel_values"], expected["pixel_values"])

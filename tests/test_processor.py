@@ -2,11 +2,13 @@ import pytest
 import torch
 from PIL import Image
 
+from vlm.config import DataConfig
 from vlm.data.collator import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.formats import read_samples
-from vlm.data.processor import IGNORE_INDEX
 from vlm.data.sample import Sample, SampleError
+from vlm.factory import processor_for
+from vlm.loss import IGNORE_INDEX
 
 
 @pytest.fixture()
@@ -40,8 +42,8 @@ def test_only_assistant_turns_are_supervised(tiny_vlm, image_file):
         {"role": "user", "content": "How many shapes, and where?"},
         {"role": "assistant", "content": answers[2]},
     ], [image_file])
-    encoded = tiny_vlm.processor(sample)
-    assert supervised_spans(tiny_vlm.processor, encoded["labels"]) == answers
+    encoded = processor_for(tiny_vlm)(sample)
+    assert supervised_spans(processor_for(tiny_vlm), encoded["labels"]) == answers
     # The end-of-turn marker is supervised too, so the model learns to stop.
     end = tiny_vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert (encoded["labels"] == end).sum() == 3
@@ -50,7 +52,7 @@ def test_only_assistant_turns_are_supervised(tiny_vlm, image_file):
 def test_image_tag_expands_to_the_fusion_token_count(tiny_vlm, image_file):
     sample = Sample("two", [{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "x"}],
                     [image_file, image_file])
-    encoded = tiny_vlm.processor(sample)
+    encoded = processor_for(tiny_vlm)(sample)
     n = tiny_vlm.fusion.tokens_per_image
     assert (encoded["input_ids"] == tiny_vlm.image_token_id).sum() == 2 * n
     assert encoded["pixel_values"].shape[0] == 2
@@ -60,7 +62,7 @@ def test_image_tag_expands_to_the_fusion_token_count(tiny_vlm, image_file):
 def test_generation_prompt_stops_at_last_user_turn(tiny_vlm, image_file):
     sample = Sample("q", [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "red"}],
                     [image_file])
-    text = tiny_vlm.tokenizer.decode(tiny_vlm.processor(sample, for_generation=True)["input_ids"])
+    text = tiny_vlm.tokenizer.decode(processor_for(tiny_vlm)(sample, for_generation=True)["input_ids"])
     assert text.endswith("<|im_start|>assistant\n") and "red" not in text
 
 
@@ -75,7 +77,7 @@ def test_generation_prompt_stops_at_last_user_turn(tiny_vlm, image_file):
 ])
 def test_bad_samples_name_the_sample_and_the_problem(tiny_vlm, image_file, messages, images, category, words):
     with pytest.raises(SampleError) as err:
-        tiny_vlm.processor(Sample("sample-42", messages, [image_file] * images))
+        processor_for(tiny_vlm)(Sample("sample-42", messages, [image_file] * images))
     assert err.value.category == category
     assert "sample-42" in str(err.value) and words in str(err.value)
 
@@ -86,21 +88,21 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_vlm, image_file
     turns = [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}]
     samples = [Sample("good", turns, [image_file]), Sample("gone", turns, [str(tmp_path / "missing.png")]),
                Sample("bad", turns, [str(corrupt)]), Sample("mismatch", turns, [])]
-    dataset = ConversationDataset(samples, tiny_vlm.processor)
+    dataset = ConversationDataset(samples, processor_for(tiny_vlm))
     assert dict(dataset.problems) == {"missing_image": 1, "image_tag_mismatch": 1}
     assert len(dataset) == 2
     batch = Collator(tiny_vlm.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     assert batch["ids"] == ["good"]
     assert [(s["skipped"], s["category"]) for s in batch["skipped"]] == [("bad", "corrupt_image")]
     with pytest.raises(SampleError, match="sample 'gone'.*missing.png"):
-        ConversationDataset(samples, tiny_vlm.processor, strict=True)
+        ConversationDataset(samples, processor_for(tiny_vlm), strict=True)
 
 
 def test_too_long_sample_is_reported(tiny_vlm, image_file):
-    tiny_vlm.processor.max_length = 8
+    processor = processor_for(tiny_vlm, DataConfig(max_length=8))
     sample = Sample("long", [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}], [image_file])
     with pytest.raises(SampleError, match="sample 'long'.*data.max_length=8"):
-        tiny_vlm.processor(sample)
+        processor(sample)
 
 
 def test_llava_and_messages_formats_read_the_same_conversation(tmp_path, image_file):

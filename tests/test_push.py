@@ -27,6 +27,7 @@ from vlm.cli import main
 from vlm.config import Config, DataFile, config_to_dict
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
+from vlm.factory import processor_for
 from vlm.hub.model_card import write_model_card
 from vlm.hub.push import BackgroundPusher, PushError, push_folder
 from vlm.model import VLM
@@ -162,7 +163,7 @@ def saved(backbones, tmp_path_factory):
 
 def logits(model: VLM, image: Path) -> torch.Tensor:
     sample = Sample("s", [{"role": "user", "content": "<image>\nWhat colour is it?"}], [str(image)])
-    batch = Collator(model.tokenizer.pad_token_id, "left")([model.processor(sample, for_generation=True)])
+    batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(sample, for_generation=True)])
     with torch.no_grad():
         return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
 
@@ -213,7 +214,7 @@ def test_pushed_folder_is_complete_loads_with_equal_logits_and_never_carries_the
     namespace: dict = {}
     exec(compile(snippet, "model-card-snippet", "exec"), namespace)
     printed = capsys.readouterr()
-    assert isinstance(namespace["model"], VLM) and printed.out.endswith("\n")  # loaded, and printed an answer
+    assert isinstance(namespace["pipe"].model, VLM) and printed.out.endswith("\n")  # loaded, and printed an answer
 
     seen = printed.out + printed.err + caplog.text + "".join(data.decode("latin-1") for data in received.values())
     assert TOKEN not in seen

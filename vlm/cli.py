@@ -22,10 +22,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from .eval.predict import predict
-    from .model import VLM
+    from .factory import load
 
-    model = VLM.from_pretrained(args.model)
-    count = predict(model, args.data, args.out, args.image_root, args.max_new_tokens, args.batch_size,
+    model, processor = load(args.model)
+    count = predict(model, processor, args.data, args.out, args.image_root, args.max_new_tokens, args.batch_size,
                     image_drop=args.image_drop, seed=args.seed)
     print(f"Wrote {count} predictions to {args.out}")
     return 0
@@ -52,15 +52,12 @@ def _bench_fusion(args: argparse.Namespace) -> int:
 
 def _data_check(args: argparse.Namespace) -> int:
     from .data.check import check_data
-    from .model import VLM
+    from .factory import build_processor
 
     processor, image_root, data = None, args.image_root, None
     if args.config:
         config = load_config(args.config)
-        processor = VLM.build_processor(config.model)
-        processor.max_length = config.data.max_length
-        processor.truncate_text = config.data.truncate_text
-        processor.max_image_pixels = config.data.max_image_pixels
+        processor = build_processor(config.model, config.data)
         image_root, data = image_root or config.data.image_root, config.data
     report = check_data(args.files, processor, image_root, data)
     print(report.render())

@@ -1,4 +1,8 @@
-"""The VLM: a vision encoder, a fusion strategy and a causal LM, composed — nothing more."""
+"""The VLM: a vision encoder, a fusion strategy and a causal LM, composed — nothing more.
+
+It takes tensors; turning samples into them is `VLMProcessor`'s job (vlm/processor.py), and
+`vlm.factory` builds the two together. Its loss is `vlm.loss.causal_lm_loss`, nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_directory
-from .config import ModelConfig, config_to_dict, saved_model_config
+from .config import ModelConfig, config_to_dict
 from .constants import WEIGHTS_NAME
-from .data.collator import Collator
-from .data.processor import IGNORE_INDEX, VLMProcessor
-from .data.sample import Sample
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
+from .folder import load_saved_tokenizer, read_saved_config
 from .fusion import Fusion, LMShape, VisionShape, build_fusion
-from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer, upgrade_chat_template
+from .image_slots import is_placeholder
+from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
+from .loss import causal_lm_loss, logits_positions
 
 
 class VLMFolderConfig(PretrainedConfig):
@@ -48,15 +49,10 @@ class VLM(nn.Module):
         self.fusion = fusion
         self.lm = lm
         self.tokenizer = tokenizer
-        fusion.attach(lm, tokenizer.convert_tokens_to_ids(config.image_token))
-        self.processor = VLMProcessor(
-            tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image
-        )
-        self.image_token_id = self.processor.image_token_id
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        fusion.attach(lm, self.image_token_id)
         # The LM can compute logits at chosen positions only (transformers' `logits_to_keep`).
-        self._logits_at_labels = (
-            fusion.passes_lm_logits and "logits_to_keep" in inspect.signature(lm.forward).parameters
-        )
+        self._logits_at_labels = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VLM":
@@ -72,22 +68,6 @@ class VLM(nn.Module):
         fit_lm_to_tokenizer(lm, tokenizer, prepare_tokenizer(tokenizer, config.image_token))
         fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm.config))
         return cls(config, vision, fusion, lm, tokenizer)
-
-    @staticmethod
-    def build_processor(config: ModelConfig) -> VLMProcessor:
-        """The processor `from_config` would give, without loading the LM's weights (for data checks)."""
-        if config.init_from or config.pretrained:
-            config, vision, tokenizer, lm_config = _saved_parts(Path(config.init_from or config.pretrained))
-        else:
-            vision = load_vision_encoder(
-                config.vision, config.vision_feature_layer, config.vision_drop_prefix_tokens, config.trust_remote_code
-            )
-            tokenizer = AutoTokenizer.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
-            prepare_tokenizer(tokenizer, config.image_token)
-            lm_config = AutoConfig.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
-        with torch.device("meta"):  # only its tokens_per_image is read: allocate nothing
-            fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm_config))
-        return VLMProcessor(tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[num_images, 3, H, W] -> what the fusion reads, by default the tower's features
@@ -119,8 +99,8 @@ class VLM(nn.Module):
             image_embeds = self.fusion.embed_images(features).to(embeds.dtype)
             mask = image_mask if image_mask is not None else input_ids == self.image_token_id
             slots = int(mask.sum())
-            if slots == 0 and image_embeds.shape[0] == 1:
-                # A placeholder image in a text-only training batch (see Fusion.lm_forward): the fusion
+            if is_placeholder(slots, image_embeds.shape[0]):
+                # The placeholder image of a text-only training batch (vlm/image_slots.py): the fusion
                 # runs, so every rank joins the same collectives, and contributes exactly nothing.
                 return embeds + image_embeds.sum() * 0, features
             if slots != image_embeds.shape[0] * image_embeds.shape[1]:
@@ -134,32 +114,30 @@ class VLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, full_logits: bool = False,
-        **kwargs: Any,
+        num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any,
     ) -> Any:
         """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W].
 
         With labels, the LM's output head runs only where the loss reads it (positions followed by a
-        supervised token; prompts and image slots are most of a sequence) when the fusion hands the LM's
-        output through (`Fusion.passes_lm_logits`): `logits` is then [num_supervised, vocab] and the loss
-        is the same. `full_logits=True` keeps [batch, seq, vocab].
+        supervised token; prompts and image slots are most of a sequence): `logits` is then
+        [num_supervised, vocab] and the loss is the same. `full_logits=True` keeps [batch, seq, vocab].
+        num_items_in_batch: the global batch's supervised tokens (see `vlm.loss.causal_lm_loss`).
         """
         image_mask = input_ids == self.image_token_id
         embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask)
-        if labels is None or full_logits or not self._logits_at_labels or "logits_to_keep" in kwargs:
-            return self.fusion.lm_forward(
-                self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-                image_mask=image_mask, labels=labels, **kwargs,
-            )
-        keep = torch.zeros_like(labels, dtype=torch.bool)  # position t predicts token t + 1
-        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        kept = None
+        if labels is not None and not full_logits and self._logits_at_labels and "logits_to_keep" not in kwargs:
+            kept = kwargs["logits_to_keep"] = logits_positions(labels)
         out = self.fusion.lm_forward(
             self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-            image_mask=image_mask, logits_to_keep=keep, **kwargs,
+            image_mask=image_mask, **kwargs,
         )
-        out.loss = self.lm.loss_function(
-            out.logits, None, vocab_size=out.logits.shape[-1], shift_labels=labels[:, 1:][keep[:, :-1]],
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-        )
+        if labels is not None:
+            loss = causal_lm_loss(out.logits, labels, num_items_in_batch, kept)
+            aux_logits = getattr(out, "aux_logits", None)  # more predictions of the same tokens (FusionOutput)
+            if aux_logits is not None:
+                loss = loss + causal_lm_loss(aux_logits, labels, num_items_in_batch, kept)
+            out.loss = loss
         return out
 
     @torch.no_grad()
@@ -176,17 +154,6 @@ class VLM(nn.Module):
             image_features=features, image_mask=image_mask, max_new_tokens=max_new_tokens, **kwargs,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-    def generate(
-        self, images: list[Image.Image] | None = None, prompt: str = "", max_new_tokens: int = 64, **kwargs: Any
-    ) -> str:
-        """Answer one prompt about the given images; images without a tag in the prompt go first."""
-        images = list(images or [])
-        missing = len(images) - prompt.count(self.config.image_token)
-        text = f"{self.config.image_token}\n" * max(missing, 0) + prompt
-        sample = Sample(id="prompt", messages=[{"role": "user", "content": text}], images=images)
-        batch = Collator(self.tokenizer.pad_token_id, "left")([self.processor(sample, for_generation=True)])
-        return self.generate_from_batch(batch, max_new_tokens, **kwargs)[0]
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A self-contained folder that loads offline; written to a temporary folder, then renamed in."""
@@ -216,8 +183,17 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VLM":
+        """The model of a saved folder (its processor: `VLMProcessor.from_pretrained`, or `vlm.factory.load`)."""
         directory = Path(directory)
-        config, vision, tokenizer, lm_config = _saved_parts(directory)
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
+        meta, config = read_saved_config(directory)
+        vision = load_saved_encoder(
+            directory / "vision", meta["vision_library"], config.vision_feature_layer,
+            config.vision_drop_prefix_tokens, config.trust_remote_code,
+        )
+        tokenizer = load_saved_tokenizer(directory, config)
+        lm_config = AutoConfig.from_pretrained(directory / "lm", trust_remote_code=config.trust_remote_code)
         lm = AutoModelForCausalLM.from_config(lm_config, trust_remote_code=config.trust_remote_code)
         lm.generation_config = lm.generation_config.from_pretrained(directory)
         fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm_config))
@@ -225,19 +201,3 @@ class VLM(nn.Module):
         load_model(model, str(directory / WEIGHTS_NAME))
         return model
 
-
-def _saved_parts(directory: Path) -> tuple[ModelConfig, VisionEncoder, PreTrainedTokenizerBase, PretrainedConfig]:
-    """Config, vision tower (architecture only), tokenizer and LM config of a saved VLM folder."""
-    if not (directory / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
-    meta = json.loads((directory / "config.json").read_text())
-    config = saved_model_config(meta["model"])
-    config.pretrained = config.init_from = None
-    vision = load_saved_encoder(
-        directory / "vision", meta["vision_library"], config.vision_feature_layer,
-        config.vision_drop_prefix_tokens, config.trust_remote_code,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
-    upgrade_chat_template(tokenizer, config.image_token)
-    lm_config = AutoConfig.from_pretrained(directory / "lm", trust_remote_code=config.trust_remote_code)
-    return config, vision, tokenizer, lm_config

@@ -55,7 +55,7 @@ def run_strategy(job: dict[str, Any]) -> dict[str, Any]:
 
     from ..config import load_config
     from ..eval.predict import evaluate_predictions, predict
-    from ..model import VLM
+    from ..factory import load
     from ..train import train
     from ..train.freezing import apply_stage
 
@@ -65,7 +65,7 @@ def run_strategy(job: dict[str, Any]) -> dict[str, Any]:
         overrides.append(f"train.max_steps={job['steps']}")
     config = load_config(job["config"], [*overrides, *job.get("overrides", []), f"output_dir={out}"])
     summary = train(config)
-    model = VLM.from_pretrained(out / "final")
+    model, processor = load(out / "final")
     apply_stage(model, config.train.stage)
     modules = [model.fusion, model.lm] + ([model.vision] if model.fusion.reads_encoder_features else [])
     params = [p for module in modules for p in module.parameters()]
@@ -80,7 +80,7 @@ def run_strategy(job: dict[str, Any]) -> dict[str, Any]:
     for rate in job["image_drop"]:
         started = time.perf_counter()
         preds = out / f"predictions_drop{rate:g}.jsonl"
-        predict(model, job["data"], preds, image_root, job["max_new_tokens"], job["batch_size"],
+        predict(model, processor, job["data"], preds, image_root, job["max_new_tokens"], job["batch_size"],
                 image_drop=rate, seed=config.train.seed)
         metrics = evaluate_predictions(preds, job["data"])
         seconds = time.perf_counter() - started

@@ -6,11 +6,16 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import DataConfig, DataFile
 from .formats import read_samples
-from .processor import VLMProcessor, check_sample, load_images
+from .checks import check_sample
+from .images import load_images
 from .sample import IMAGE_TAG, DataError, SampleError
+
+if TYPE_CHECKING:  # the processor (vlm/processor.py) imports this package's modules
+    from ..processor import VLMProcessor
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .processor import IGNORE_INDEX
+from ..loss import IGNORE_INDEX
 
 
 class Collator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
@@ -14,8 +14,11 @@ from .dropout import drop_images, dropout_generator
 from ..config import DataConfig, DataFile
 from .mixture import read_files
 from .feature_cache import FeatureCache
-from .processor import VLMProcessor, probe_images
+from .images import probe_images
 from .sample import Sample, SampleError
+
+if TYPE_CHECKING:  # the processor (vlm/processor.py) imports this package's modules
+    from ..processor import VLMProcessor
 
 logger = logging.getLogger(__name__)
 

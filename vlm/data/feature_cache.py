@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from PIL import Image
@@ -21,8 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_file
 from ..encoders import VisionEncoder
-from .processor import VLMProcessor, load_images
+from .images import load_images
 from .sample import ImageRef, Sample, SampleError
+
+if TYPE_CHECKING:  # the processor (vlm/processor.py) imports this package's modules
+    from ..processor import VLMProcessor
 
 logger = logging.getLogger(__name__)
 

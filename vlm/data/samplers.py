@@ -10,14 +10,16 @@ one process with batch W*B reads: sharded and single-process runs see the same d
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from .processor import VLMProcessor
 from .sample import Sample
+
+if TYPE_CHECKING:  # the processor (vlm/processor.py) imports this package's modules
+    from ..processor import VLMProcessor
 
 
 class ResumableSampler(DistributedSampler):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .base import ImageTransform, VisionEncoder
-from .hf_encoder import HFVisionEncoder
-from .timm_encoder import TimmVisionEncoder, is_timm_folder
+from transformers import AutoImageProcessor
 
-__all__ = ["VisionEncoder", "ImageTransform", "load_vision_encoder", "load_saved_encoder"]
+from .base import ImageTransform, VisionEncoder
+from .hf_encoder import HFVisionEncoder, hf_image_transform
+from .timm_encoder import TimmVisionEncoder, is_timm_folder, timm_image_transform
+
+__all__ = ["VisionEncoder", "ImageTransform", "load_vision_encoder", "load_saved_encoder", "saved_image_transform"]
 
 
 def load_vision_encoder(
@@ -42,3 +45,13 @@ def load_saved_encoder(
     if library == "timm":
         return TimmVisionEncoder(f"local-dir:{directory}", feature_layer, drop_prefix_tokens, pretrained=False)
     return HFVisionEncoder(str(directory), feature_layer, drop_prefix_tokens, False, trust_remote_code)
+
+
+def saved_image_transform(directory: Path, library: str, trust_remote_code: bool = False) -> ImageTransform:
+    """The tower's preprocessing from a saved VLM folder, without building the tower (no weights read)."""
+    if library == "timm":
+        data_config = json.loads((directory / "preprocessor_config.json").read_text())
+        data_config.pop("image_processor_type", None)
+        return timm_image_transform(data_config)
+    processor = AutoImageProcessor.from_pretrained(directory / "vision", trust_remote_code=trust_remote_code)
+    return hf_image_transform(processor)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
@@ -20,6 +21,11 @@ def _vision_model(source: str, pretrained: bool, trust_remote_code: bool) -> tor
         return AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code)
     model_class = AutoModel._model_mapping[type(vision_config)]
     return model_class.from_pretrained(source, config=vision_config)
+
+
+def hf_image_transform(processor: Any) -> ImageTransform:
+    """PIL image -> [3, H, W] through a transformers image processor."""
+    return lambda image: processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
 
 class HFVisionEncoder(VisionEncoder):
@@ -52,8 +58,7 @@ class HFVisionEncoder(VisionEncoder):
         return out.hidden_states[self.feature_layer][:, self.num_prefix_tokens :]
 
     def image_transform(self) -> ImageTransform:
-        processor = self.image_processor
-        return lambda image: processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return hf_image_transform(self.image_processor)
 
     def preprocessing_config(self) -> dict:
         return self.image_processor.to_dict()

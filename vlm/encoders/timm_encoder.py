@@ -12,6 +12,12 @@ from timm.models._hub import save_config_for_hf
 from .base import ImageTransform, VisionEncoder
 
 
+def timm_image_transform(data_config: dict) -> ImageTransform:
+    """PIL image -> [3, H, W] through timm's eval transform for `data_config` (input_size, mean, std, ...)."""
+    transform = create_transform(**data_config, is_training=False)
+    return lambda image: transform(image.convert("RGB"))
+
+
 class TimmVisionEncoder(VisionEncoder):
     library = "timm"
 
@@ -53,8 +59,7 @@ class TimmVisionEncoder(VisionEncoder):
         return out
 
     def image_transform(self) -> ImageTransform:
-        transform = create_transform(**self.data_config, is_training=False)
-        return lambda image: transform(image.convert("RGB"))
+        return timm_image_transform(self.data_config)
 
     def preprocessing_config(self) -> dict:
         return dict(self.data_config)

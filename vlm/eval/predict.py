@@ -14,6 +14,7 @@ from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.formats import read_samples
 from ..model import VLM
+from ..processor import VLMProcessor
 from ..progress import progress_bar
 from .metrics import compute_metrics, infer_task
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def predict(
-    model: VLM, data_file: str | Path, out: str | Path, image_root: str | Path | None = None,
+    model: VLM, processor: VLMProcessor, data_file: str | Path, out: str | Path, image_root: str | Path | None = None,
     max_new_tokens: int = 32, batch_size: int = 16, image_drop: float = 0.0, seed: int = 0,
 ) -> int:
     """Answer the last user turn of every sample; write `{"id", "prediction"}` lines. Returns the count.
@@ -30,11 +31,11 @@ def predict(
     how the model answers with missing images.
     """
     dataset = ConversationDataset.from_files(
-        [str(data_file)], model.processor, image_root, for_generation=True, image_dropout=image_drop, seed=seed
+        [str(data_file)], processor, image_root, for_generation=True, image_dropout=image_drop, seed=seed
     )
     for category, count in dataset.problems.items():
         logger.warning("%d sample(s) skipped: %s", count, category)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(model.tokenizer.pad_token_id, "left"))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(processor.tokenizer.pad_token_id, "left"))
     model.eval()
     written = 0
     out = Path(out)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import FusionOptions, ModelConfig, register_fusion_options
 from ..encoders import VisionEncoder
@@ -87,6 +88,16 @@ class LMShape:
         )
 
 
+@dataclass
+class FusionOutput(CausalLMOutputWithPast):
+    """What `lm_forward` returns when it changes the LM's output: logits [batch, seq, vocab] (or
+    [num_kept, vocab] under `logits_to_keep`) and, optionally, `aux_logits` of the same shape: more
+    predictions of the same next tokens that the loss also trains (late fusion: the LM's own).
+    The model computes the loss from both (vlm/loss.py); a fusion never does."""
+
+    aux_logits: torch.Tensor | None = None
+
+
 class Fusion(nn.Module, ABC):
     """Base class; `vision` / `lm` describe the backbones, `options` is the strategy's config section."""
 
@@ -94,9 +105,6 @@ class Fusion(nn.Module, ABC):
     """The name it is registered under (`model.fusion`)."""
     reads_encoder_features: bool = True
     """False for strategies whose `encode` never runs the vision tower (so a feature cache is meaningless)."""
-    passes_lm_logits: bool = False
-    """True when `lm_forward` returns the LM's own output and hands extra keywords to the LM, so the VLM
-    may ask for logits only where the loss reads them (transformers' `logits_to_keep`)."""
 
     def __init__(self, options: Optional[FusionOptions], vision: VisionShape, lm: LMShape) -> None:
         super().__init__()
@@ -126,14 +134,16 @@ class Fusion(nn.Module, ABC):
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
         image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
-        """Run the LM on embeddings whose image positions are already filled.
+        """Run the LM on embeddings whose image positions are already filled; return its output (or a
+        `FusionOutput`) with `logits`, never a loss (the model computes it, vlm/loss.py).
 
         image_mask [batch, seq]: True at image-token positions (with tokens_per_image == 0, one marker
         per image), for strategies that need to know where each image sits in the text.
+        kwargs go to the LM, `logits_to_keep` ([batch, seq] bool) included: logits only at those positions.
 
-        One image with no marker at all is a placeholder the trainer adds to a text-only batch: run
-        every trainable parameter as usual but contribute exactly zero, so that in distributed training
-        every rank runs the same modules (matching collectives, no unused parameters).
+        One image with no marker at all is the placeholder the trainer adds to a text-only batch
+        (vlm/image_slots.py): run every trainable parameter as usual but contribute exactly zero, so that
+        in distributed training every rank runs the same modules (matching collectives, no unused parameters).
         """
         return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 

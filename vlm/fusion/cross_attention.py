@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, FusionOptions
+from ..image_slots import check_markers, image_offsets, is_placeholder, slot_in_sample
 from .base import Fusion, LMShape, VisionShape, register_fusion
 from .decoder_layers import STATE_KWARG, active_state, past_length_of_call, wrap_layers
 from .resampler import PerceiverResampler
@@ -157,8 +158,6 @@ class CrossAttentionOptions(FusionOptions):
 class CrossAttentionFusion(Fusion):
     """Gated cross-attention blocks before every `model.cross_attention.every_n_layers`-th LM layer."""
 
-    passes_lm_logits = True
-
     def __init__(self, options: CrossAttentionOptions, vision: VisionShape, lm: LMShape) -> None:
         super().__init__(options, vision, lm)
         chosen = [i for i in range(lm.num_layers) if (i + 1) % options.every_n_layers == 0]
@@ -216,22 +215,17 @@ class CrossAttentionFusion(Fusion):
             return None
         if image_mask is None:
             raise ValueError("The cross_attention fusion needs `image_mask` (where each image's marker sits).")
-        counts = image_mask.sum(1)  # [batch]
-        if int(counts.sum()) == 0 and image_features.shape[0] == 1:
+        if is_placeholder(int(image_mask.sum()), image_features.shape[0]):
             return self._placeholder_state(image_features, image_mask)
-        if int(counts.sum()) != image_features.shape[0]:
-            raise ValueError(
-                f"The batch has {int(counts.sum())} image marker(s) but {image_features.shape[0]} image(s); "
-                "the text and the images do not match."
-            )
+        counts = check_markers(image_mask, image_features.shape[0])  # [batch]
         visual = self.embed_images(image_features)  # [num_images, tokens, dim]
         n, tokens, dim = visual.shape
         max_images = int(counts.max())
         slots = torch.arange(max_images, device=visual.device)
-        index = (counts.cumsum(0) - counts).unsqueeze(1) + slots  # [batch, max_images] into the image list
+        index = image_offsets(counts).unsqueeze(1) + slots  # [batch, max_images] into the image list
         valid = (slots < counts.unsqueeze(1)).view(-1, max_images, 1, 1)
         per_sample = torch.where(valid, visual[index.clamp(max=n - 1)], 0.0)  # [batch, max_images, tokens, dim]
-        token_slot = image_mask.long().cumsum(1) - 1
+        token_slot = slot_in_sample(image_mask)
         return VisualState(
             self.blocks, per_sample.reshape(-1, max_images * tokens, dim), tokens, token_slot, counts - 1, precompute
         )

@@ -10,7 +10,8 @@ a learned, input-dependent weight g_t = sigmoid(w . h_t + b) read from the LM's 
 Positions before any image, and samples without one, get the LM's own logits untouched, so with
 no image the model is exactly the text-only LM. Positions after an image return log-probabilities
 (valid logits: softmax gives back the mixture). The training loss is the mixture's plus the LM's
-own (so the text model keeps learning whatever the gate does). The vision head sees the image only,
+own (so the text model keeps learning whatever the gate does): `lm_forward` returns the LM's own
+logits as `aux_logits` and the model's one loss (vlm/loss.py) reads both. The vision head sees the image only,
 never the question: that is what "late" means, and why it cannot answer what depends on both.
 """
 
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .base import Fusion, LMShape, VisionShape, register_fusion
+from ..image_slots import check_markers, image_index, is_placeholder
+from .base import Fusion, FusionOutput, LMShape, VisionShape, register_fusion
 
 
 @register_fusion("late")
@@ -58,28 +59,23 @@ class LateFusion(Fusion):
             return None
         if image_mask is None:
             raise ValueError("The late fusion needs `image_mask` (where each image's marker sits).")
-        counts = image_mask.sum(1)
         n = image_features.shape[0]
-        if int(counts.sum()) == 0 and n == 1:
-            # A placeholder image in a text-only training batch (see Fusion.lm_forward): every position
+        if is_placeholder(int(image_mask.sum()), n):
+            # The placeholder image of a text-only training batch (vlm/image_slots.py): every position
             # is text-only, the head still runs so all its parameters take part (with zero effect).
             vision_logp = self.embed_images(image_features)[:, 0]
             return vision_logp.expand(*image_mask.shape, -1), torch.zeros_like(image_mask)
-        if int(counts.sum()) != n:
-            raise ValueError(
-                f"The batch has {int(counts.sum())} image marker(s) but {n} image(s); the text and the images "
-                "do not match."
-            )
+        check_markers(image_mask, n)
         vision_logp = self.embed_images(image_features)[:, 0]  # [n, vocab]
-        slot = image_mask.long().cumsum(1) - 1  # [batch, seq]; -1 before the first image
-        index = ((counts.cumsum(0) - counts).unsqueeze(1) + slot).clamp(0, n - 1)
-        return vision_logp[index], slot >= 0
+        index = image_index(image_mask)  # [batch, seq]; -1 before the sample's first image
+        return vision_logp[index.clamp(min=0)], index >= 0
 
     def mix(
         self, lm_logits: torch.Tensor, hidden: torch.Tensor, vision_logp: torch.Tensor, has_image: torch.Tensor
     ) -> torch.Tensor:
-        """lm_logits [b, q, vocab], hidden [b, q, lm_dim], vision_logp [b, q, vocab], has_image [b, q] ->
-        logits [b, q, vocab]: the mixture's log-probs where has_image, the LM's logits unchanged elsewhere."""
+        """lm_logits [*, vocab], hidden [*, lm_dim], vision_logp [*, vocab], has_image [*] (* = [b, q], or
+        [num_kept] under logits_to_keep) -> logits [*, vocab]: the mixture's log-probs where has_image, the
+        LM's logits unchanged elsewhere."""
         z = self.gate(hidden.to(self.gate.weight.dtype)).float()
         mixed = torch.logaddexp(
             F.logsigmoid(-z) + F.log_softmax(lm_logits.float(), dim=-1), F.logsigmoid(z) + vision_logp
@@ -93,23 +89,25 @@ class LateFusion(Fusion):
         image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
         """The LM's own call when the batch has no image; otherwise its logits mixed with the vision
-        head's, and the loss (labels shifted as in transformers) computed from the mixture."""
+        head's (at the `logits_to_keep` positions only, when given), with the LM's own as `aux_logits`."""
         vision = self._image_of_position(image_features, image_mask)
         if vision is None:
             return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        labels = kwargs.pop("labels", None)
         kwargs["output_hidden_states"] = True
         out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        logits = self.mix(out.logits, out.hidden_states[-1], *vision)
-        loss = None
-        if labels is not None:  # transformers' causal-LM loss (shift, upcast, ignore -100)
-            items = kwargs.get("num_items_in_batch")
-            # The mixture's loss, plus the LM's own loss: without it the gate saturates towards the vision
-            # head early (which soon beats a not-yet-adapted LM), the LM then gets no gradient and never
-            # learns the text (measured: g -> 1.0000 everywhere, empty answers, after 200 quickstart steps).
-            loss = lm.loss_function(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=items)
-            loss = loss + lm.loss_function(out.logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=items)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        hidden, (vision_logp, has_image) = out.hidden_states[-1], vision
+        kept = kwargs.get("logits_to_keep")
+        if torch.is_tensor(kept):  # [batch, seq] bool: the LM returned logits [num_kept, vocab]
+            hidden, vision_logp, has_image = hidden[kept], vision_logp[kept], has_image[kept]
+        elif kept:  # an int: the last `kept` positions
+            hidden, vision_logp, has_image = hidden[:, -kept:], vision_logp[:, -kept:], has_image[:, -kept:]
+        # The loss reads the LM's own logits too (aux_logits): without them the gate saturates towards the
+        # vision head early (which soon beats a not-yet-adapted LM), the LM then gets no gradient and never
+        # learns the text (measured: g -> 1.0000 everywhere, empty answers, after 200 quickstart steps).
+        return FusionOutput(
+            logits=self.mix(out.logits, hidden, vision_logp, has_image), aux_logits=out.logits,
+            past_key_values=out.past_key_values,
+        )
 
     @torch.no_grad()
     def lm_generate(

@@ -46,8 +46,6 @@ class ProjectorOptions(FusionOptions):
 class ProjectorFusion(Fusion):
     """`model.projector.type`: `linear`, `mlp2x_gelu` or `pixel_shuffle` + linear."""
 
-    passes_lm_logits = True
-
     def __init__(self, options: ProjectorOptions, vision: VisionShape, lm: LMShape) -> None:
         super().__init__(options, vision, lm)
         self.kind = options.type

@@ -156,18 +156,18 @@ def loading_snippet(repo_id: Optional[str], adapter: bool = False) -> str:
 
     `adapter`: the folder holds LoRA adapters over a base model, loaded by `load_adapter_folder`.
     """
-    imports, loader = "from vlm.model import VLM", "VLM.from_pretrained"
+    imports, loader = "from vlm import Pipeline", "Pipeline.from_pretrained({})"
     if adapter:
-        imports, loader = "from vlm.train.lora import load_adapter_folder", "load_adapter_folder"
+        imports = "from vlm import Pipeline\nfrom vlm.train.lora import load_adapter_folder"
+        loader = "Pipeline(load_adapter_folder({}))"
     if repo_id:
-        load = (
-            "from huggingface_hub import snapshot_download\n"
-            f"from PIL import Image\n{imports}\n\n"
-            f'model = {loader}(snapshot_download("{repo_id}")).eval()\n'
-        )
+        source = f'snapshot_download("{repo_id}")'
+        load = f"from huggingface_hub import snapshot_download\nfrom PIL import Image\n{imports}\n\n"
     else:
-        load = f'from PIL import Image\n{imports}\n\nmodel = {loader}("{LOCAL_PLACEHOLDER}").eval()\n'
-    return load + 'print(model.generate(images=[Image.open("picture.jpg")], prompt="What is in the picture?"))'
+        source = f'"{LOCAL_PLACEHOLDER}"'
+        load = f"from PIL import Image\n{imports}\n\n"
+    load += f"pipe = {loader.format(source)}\n"
+    return load + 'print(pipe.generate(images=[Image.open("picture.jpg")], prompt="What is in the picture?"))'
 
 
 def llava_commands(repo_id: Optional[str]) -> str:

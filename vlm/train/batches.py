@@ -16,7 +16,7 @@ from ..config import Config
 from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.sample import DataError
-from ..model import VLM
+from ..loss import IGNORE_INDEX, count_supervised
 from .state import DataPosition
 
 Batch = dict[str, Any]
@@ -64,19 +64,8 @@ def model_inputs(batch: Batch) -> Batch:
 
 
 def supervised_tokens(batch: Batch) -> int:
-    """Tokens the loss reads: labels are shifted by one inside the LM's loss."""
-    return int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else 0
-
-
-def with_placeholder(inputs: Batch, model: VLM, cached: bool) -> Batch:
-    """A text-only batch gets one placeholder image with no marker (zero contribution, see
-    `Fusion.lm_forward`), so every rank runs the vision path and the fusion every step."""
-    if inputs.get("pixel_values") is not None or inputs.get("image_features") is not None:
-        return inputs
-    vision = model.vision
-    if cached:
-        return {**inputs, "image_features": torch.zeros(1, vision.num_patches, vision.hidden_size)}
-    return {**inputs, "pixel_values": torch.zeros(1, 3, *vision.image_size)}
+    """Tokens the loss reads (vlm/loss.py); 0 for a batch whose samples all failed to load."""
+    return count_supervised(batch["labels"]) if "labels" in batch else 0
 
 
 def to_device(inputs: Batch, device: torch.device) -> Batch:
@@ -85,7 +74,7 @@ def to_device(inputs: Batch, device: torch.device) -> Batch:
 
 def zero_weight(batch: Batch) -> Batch:
     """The same inputs with no supervised token: the forward and backward run, the gradient is zero."""
-    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
 
 
 def first_readable_batch(dataset: ConversationDataset, pad_token_id: int) -> Batch:

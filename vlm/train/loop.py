@@ -30,11 +30,14 @@ from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
 from ..data.sample import DataError
 from ..data.samplers import ResumableSampler, training_sampler
+from ..factory import build
 from ..hub.publish import TrainingPublisher
+from ..image_slots import with_placeholder
 from ..model import VLM
+from ..processor import VLMProcessor
 from ..progress import progress_bar
 from .batches import (Batch, first_readable_batch, make_loader, micro_batches, model_inputs, supervised_tokens,
-                      to_device, with_placeholder, zero_weight)
+                      to_device, zero_weight)
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .freezing import apply_stage
@@ -64,11 +67,12 @@ def train(config: Config) -> dict[str, Any]:
         teardown(env)
 
 
-def build_model(config: Config) -> VLM:
-    """The VLM with its trainable parts decided (stage, freezing); the same call at start and at export."""
-    model = VLM.from_config(config.model)
+def build_model(config: Config) -> tuple[VLM, VLMProcessor]:
+    """The VLM with its trainable parts decided (stage, freezing), and its processor with the data settings;
+    the same call at start and at export."""
+    model, processor = build(config.model, config.data)
     apply_stage(model, config.train)  # stage, train.freeze, and LoRA adapters when train.lora.enabled
-    return model
+    return model, processor
 
 
 @dataclass
@@ -106,7 +110,8 @@ class Trainer:
         env = self.env
         set_seed(config.train.seed)
         self.strategy = build_strategy(config, env)
-        self.model = model = build_model(config)
+        model, self.processor = build_model(config)
+        self.model = model
         if config.train.gradient_checkpointing:
             apply_gradient_checkpointing(model, config.train.gradient_checkpointing_components)
         maybe_compile(model, config.train.compile)
@@ -128,12 +133,8 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     def _setup_data(self, model: VLM) -> None:
-        """Processor limits, the feature cache, the training set with its sampler and loader, the eval loader."""
-        config, env = self.config, self.env
-        model.processor.max_length = config.data.max_length
-        model.processor.truncate_text = config.data.truncate_text
-        model.processor.max_image_pixels = config.data.max_image_pixels
-        processor = model.processor
+        """The feature cache, the training set with its sampler and loader, the eval loader."""
+        config, env, processor = self.config, self.env, self.processor
         cache = self._feature_cache(model) if config.data.cache_features else None
         self.train_set = ConversationDataset.from_files(
             config.data.train_files, processor, config.data.image_root, config.data.strict,
@@ -174,7 +175,7 @@ class Trainer:
             samples += read_samples(file, config.data.image_root, caption_prompt=config.data.caption_prompt,
                                     vqa_prompt=config.data.vqa_prompt)[0]
         started = time.perf_counter()
-        encoded = cache.fill(samples, model.processor, vision, config.train.batch_size, env.rank, env.world_size)
+        encoded = cache.fill(samples, self.processor, vision, config.train.batch_size, env.rank, env.world_size)
         barrier(env)
         logger.info("Feature cache %s: %d image(s) encoded in %.1fs.", cache.root, encoded,
                     time.perf_counter() - started)
@@ -241,7 +242,7 @@ class Trainer:
                 self.fallback = batch
             else:  # every sample of this micro-batch was unreadable: rerun a good one at weight 0
                 batch = zero_weight(self.fallback)
-            inputs = to_device(with_placeholder(model_inputs(batch), self.model, cached), env.device)
+            inputs = to_device(with_placeholder(model_inputs(batch), self.model.vision, cached), env.device)
             with strategy.micro_batch(last=i == len(micro) - 1):
                 with strategy.autocast():
                     out = strategy.model(**inputs, num_items_in_batch=global_tokens)
@@ -251,7 +252,7 @@ class Trainer:
                     loss_sum += float(out.loss.detach()) * float(global_tokens)
                 elif strategy.backward_every_micro_batch:
                     # DeepSpeed's accumulation boundary needs a backward: a finite, zero-weight one.
-                    replay = to_device(with_placeholder(model_inputs(zero_weight(self.fallback)), self.model, cached),
+                    replay = to_device(with_placeholder(model_inputs(zero_weight(self.fallback)), self.model.vision, cached),
                                        env.device)
                     with strategy.autocast():
                         strategy.backward(strategy.model(**replay, num_items_in_batch=global_tokens).loss)
@@ -288,7 +289,7 @@ class Trainer:
             if "input_ids" not in batch:
                 continue
             tokens = supervised_tokens(batch)
-            inputs = to_device(with_placeholder(model_inputs(batch), self.strategy.unwrapped(), cached), env.device)
+            inputs = to_device(with_placeholder(model_inputs(batch), self.strategy.unwrapped().vision, cached), env.device)
             with self.strategy.autocast():
                 out = module(**inputs, num_items_in_batch=torch.tensor(max(tokens, 1), device=env.device))
             total += torch.tensor([float(out.loss) * max(tokens, 1), tokens], dtype=torch.float64)
@@ -325,7 +326,7 @@ class Trainer:
             self.trackers.log({"eval/loss": summary["eval_loss"]}, state.step)
         full = strategy.full_state_dict()  # collective for sharded strategies
         if env.is_main:
-            model = strategy.unwrapped() if strategy.replicated else build_model(config)
+            model = strategy.unwrapped() if strategy.replicated else build_model(config)[0]
             if not strategy.replicated:
                 model.load_state_dict(full)
             save_final(model, self.output_dir / "final", merge=config.export.merge_lora,

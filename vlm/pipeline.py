@@ -1,0 +1,44 @@
+"""Answer a prompt about some images in one call: a model and its processor, held together.
+
+    from vlm import Pipeline
+    pipe = Pipeline.from_pretrained("runs/finetune/final")
+    print(pipe.generate(images=[Image.open("cat.jpg")], prompt="What is this?"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .data.collator import Collator
+from .data.sample import Sample
+from .factory import load, processor_for
+from .model import VLM
+from .processor import VLMProcessor
+
+
+class Pipeline:
+    """`model` (in eval mode) and the `processor` that feeds it; without one, the model's own is built."""
+
+    def __init__(self, model: VLM, processor: VLMProcessor | None = None) -> None:
+        self.model = model.eval()
+        self.processor = processor or processor_for(model)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "Pipeline":
+        """A saved VLM folder, ready to answer."""
+        return cls(*load(directory))
+
+    def generate(
+        self, images: list[Image.Image] | None = None, prompt: str = "", max_new_tokens: int = 64, **kwargs: Any
+    ) -> str:
+        """Answer one prompt about the given images; images without a tag in the prompt go first."""
+        image_token = self.processor.image_token
+        images = list(images or [])
+        missing = len(images) - prompt.count(image_token)
+        text = f"{image_token}\n" * max(missing, 0) + prompt
+        sample = Sample(id="prompt", messages=[{"role": "user", "content": text}], images=images)
+        batch = Collator(self.processor.tokenizer.pad_token_id, "left")([self.processor(sample, for_generation=True)])
+        return self.model.generate_from_batch(batch, max_new_tokens, **kwargs)[0]

@@ -1,0 +1,170 @@
+"""Sample -> model inputs: chat template, supervised-token mask, image-token expansion, pixels.
+
+Like transformers' `LlavaProcessor`, it lives beside the model, not inside it: the model takes tensors,
+this owns the text side (tokenizer, chat template, `<image>` expansion) and the tower's image transform.
+Every setting is fixed at construction (`vlm.factory` builds both from one config); a saved folder
+loads it alone, without any weights (`VLMProcessor.from_pretrained`).
+
+The label mask comes from the chat template itself: each assistant turn's span is located
+by rendering the conversation up to that turn (with and without the reply) and mapping those
+character offsets to tokens through the tokenizer's offset mapping. Nothing here knows what
+a particular template's role markers look like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from .data.checks import check_sample
+from .data.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
+from .data.sample import Sample, SampleError
+from .encoders import ImageTransform, saved_image_transform
+from .folder import load_saved_tokenizer, read_saved_config
+from .loss import IGNORE_INDEX
+
+
+class VLMProcessor:
+    """Turns a `Sample` into `input_ids`, `labels` and `pixel_values` for one model."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_transform: ImageTransform,
+        image_token: str,
+        tokens_per_image: int,
+        max_length: int | None = None,
+        truncate_text: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.tokens_per_image = tokens_per_image
+        self.max_length = max_length
+        self.truncate_text = truncate_text
+        """Over-long samples: cut the text after the last image token (True) or reject them (False)."""
+        self.max_image_pixels = max_image_pixels
+        """Images declaring more pixels are skipped before decoding (`data.max_image_pixels`; None: no limit)."""
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, max_length: int | None = None, truncate_text: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> "VLMProcessor":
+        """The processor of a saved VLM folder (tokenizer, image transform, image token, tokens_per_image from
+        its config.json), reading no weights: what data tools (`vlm data check`, the feature cache) need."""
+        directory = Path(directory)
+        meta, config = read_saved_config(directory)
+        transform = saved_image_transform(directory, meta["vision_library"], config.trust_remote_code)
+        return cls(
+            load_saved_tokenizer(directory, config), transform, config.image_token, meta["tokens_per_image"],
+            max_length, truncate_text, max_image_pixels,
+        )
+
+    def __call__(self, sample: Sample, for_generation: bool = False, with_pixels: bool = True) -> dict[str, Any]:
+        """Returns input_ids [seq], labels [seq], pixel_values [num_images, 3, H, W] or None, id.
+
+        for_generation: encode only the prompt (up to the last user turn) plus the
+        generation prompt, for `predict` / `generate`.
+        with_pixels=False skips image decoding (the caller supplies cached features).
+        """
+        self.check(sample, for_generation)
+        messages = sample.prompt_messages() if for_generation else sample.messages
+        ids, labels = self.tokenize(messages, add_generation_prompt=for_generation)
+        num_images = sum(m["content"].count(self.image_token) for m in messages)
+        ids, labels = self._expand_images(ids, labels)
+        if self.max_length is not None and not for_generation and len(ids) > self.max_length:
+            ids, labels = self._fit_length(sample.id, ids, labels)
+        images = self.load_images(sample)[:num_images] if with_pixels else []
+        pixel_values = torch.stack([self.image_transform(im) for im in images]) if images else None
+        return {
+            "id": sample.id,
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+        }
+
+    def _fit_length(self, sample_id: str, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Truncate the text after the last image token (data.truncate_text), never through image tokens."""
+        too_long = f"is {len(ids)} tokens with image tokens counted, over data.max_length={self.max_length}"
+        if not self.truncate_text:
+            raise SampleError(
+                sample_id, "too_long",
+                f"{too_long}; raise data.max_length, shorten the sample or set data.truncate_text=true.",
+            )
+        images_end = max((i + 1 for i, t in enumerate(ids) if t == self.image_token_id), default=0)
+        if images_end > self.max_length:
+            raise SampleError(
+                sample_id, "too_long",
+                f"{too_long} and its image tokens alone reach position {images_end}, so truncating the text "
+                "cannot fit it; raise data.max_length or use fewer images.",
+            )
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SampleError(
+                sample_id, "too_long", f"{too_long} and no answer token is left after truncation; raise data.max_length.",
+            )
+        return ids, labels
+
+    def check(self, sample: Sample, for_generation: bool = False) -> None:
+        """Training needs an answer to learn from; generation (predict) does not."""
+        check_sample(sample, self.image_token, needs_answer=not for_generation)
+
+    def load_images(self, sample: Sample) -> list[Image.Image]:
+        return load_images(sample, self.max_image_pixels)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def tokenize(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered conversation, and labels that keep only assistant turns."""
+        text = self.render(messages, add_generation_prompt)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:k], add_generation_prompt=True)
+            through = self.render(messages[: k + 1])
+            if not (text.startswith(before) and text.startswith(through)):
+                raise ValueError(
+                    "The chat template renders a conversation differently from its prefixes, so assistant "
+                    "turns cannot be located; use a template whose output grows turn by turn."
+                )
+            # Trailing newlines after the end-of-turn marker are layout, not part of the reply.
+            spans.append((len(before), max(len(through.rstrip()), len(before) + 1)))
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        labels = [
+            token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+            for token, (start, _) in zip(ids, encoded["offset_mapping"])
+        ]
+        return ids, labels
+
+    def _expand_images(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Each image token becomes `tokens_per_image` copies; the fusion fills them in the model.
+
+        Strategies that occupy no positions (tokens_per_image == 0) keep one image token as a
+        plain marker, so they can still tell where in the text each image appears.
+        """
+        copies = self.tokens_per_image or 1
+        out_ids, out_labels = [], []
+        for token, label in zip(ids, labels):
+            if token == self.image_token_id:
+                out_ids += [token] * copies
+                out_labels += [IGNORE_INDEX] * copies
+            else:
+                out_ids.append(token)
+                out_labels.append(label)
+        return out_ids, out_labels
+
+
