@@ -244,3 +244,14 @@ def test_a_saved_folders_flat_model_config_is_translated():
     xattn = cfg.options["cross_attention"]
     assert (xattn.every_n_layers, xattn.heads, xattn.resampler_depth, xattn.resampler_latents) == (4, None, 0, 16)
     assert saved_model_config(config_to_dict(cfg)) == cfg  # the new shape passes through unchanged
+
+
+@pytest.mark.parametrize("key", ["offload_params", "offload_optimizer"])
+def test_offload_outside_deepspeed_is_refused_not_ignored(tmp_path, capsys, key):
+    from vlm.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\ntrain:\n  strategy: single\n  {key}: true\n")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"Config error: train.{key}=true needs train.strategy=zero2 or zero3" in err and "Traceback" not in err

@@ -25,7 +25,11 @@ def resolve_strategy(config: Config, env: DistEnv) -> str:
 def build_strategy(config: Config, env: DistEnv) -> Strategy:
     name = resolve_strategy(config, env)
     if config.train.mixed_precision == "fp16":
-        raise ValueError("train.mixed_precision=fp16 is not supported; use bf16 (or no).")
+        raise ConfigError("train.mixed_precision=fp16 is not supported; use bf16 (or no).")
+    for key in ("offload_optimizer", "offload_params"):  # honoured by DeepSpeed only: never silently ignored
+        if getattr(config.train, key) and name not in ("zero2", "zero3"):
+            raise ConfigError(f"train.{key}=true needs train.strategy=zero2 or zero3 (DeepSpeed CPU offload), "
+                              f"but this run uses {name}; drop it or switch strategy.")
     if name in ("single", "ddp"):
         from .ddp import DDPStrategy
 
