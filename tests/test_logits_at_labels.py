@@ -34,7 +34,8 @@ def test_supervised_positions_only_same_loss_and_logits(tiny_vlm, synthetic):
 def test_every_fusion_gives_the_same_loss_with_logits_at_labels_only(model_config, synthetic, fusion):
     """No fusion opts out: each hands `logits_to_keep` to the LM (late fusion mixes only there)."""
     torch.manual_seed(0)
-    model = VLM.from_config(dataclasses.replace(model_config, fusion=fusion, resampler_latents=4)).eval()
+    options = {"resampler": {"latents": 4}, "cross_attention": {"resampler_latents": 4}}.get(fusion, {})
+    model = VLM.from_config(model_config.with_fusion(fusion, **options)).eval()
     samples = read_samples(synthetic["train"])[0][:3]
     samples.append(Sample("text", [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]))
     batch = Collator(model.tokenizer.pad_token_id)([processor_for(model)(s) for s in samples])
