@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 PIP := $(PY) -m pip install --quiet -c $(LOCK)
 
-.PHONY: quickstart test install install-dev lock clean
+.PHONY: quickstart test test-fast install install-dev lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# The unit tests alone (tests/unit: no backbones, no training), under a minute.
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m unit tests/unit
 
 # Deliberate: re-resolve the newest versions pyproject.toml allows, rewrite the lock, reinstall from
 # it and run the full suite. Commit requirements.lock only if the suite passes.

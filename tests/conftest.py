@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,17 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).parent))  # shared builders such as tests/hostile.py
+
+SUITES = ("unit", "integration", "distributed")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by its folder: `pytest -m unit` runs the fast tests (`make test-fast`)."""
+    for item in items:
+        suite = next((part for part in Path(str(item.path)).parts if part in SUITES), None)
+        if suite is not None:
+            item.add_marker(getattr(pytest.mark, suite))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import pytest
 
 from vlm.config import Config, ConfigError, config_to_dict, from_dict, load_config, saved_model_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -1,5 +1,5 @@
 """Run several training jobs one after another inside one `torchrun` launch (process start-up and
-rendezvous are most of a tiny run's time). Usage: torchrun ... tests/dist_driver.py JOBS.json
+rendezvous are most of a tiny run's time). Usage: torchrun ... tests/distributed/dist_driver.py JOBS.json
 
 JOBS.json: [{"config": "path.yaml", "overrides": ["train.strategy=fsdp2", ...]}, ...]
 """

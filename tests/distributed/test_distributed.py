@@ -25,7 +25,7 @@ from vlm.train import train
 from vlm.train.checkpoint import list_checkpoints
 from vlm.data.samplers import ResumableSampler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
 FUSIONS = {
     "projector": ["model.fusion=projector", "model.projector.type=mlp2x_gelu"],
@@ -100,7 +100,7 @@ train: {{stage: finetune, max_steps: {STEPS}, lr: 1.0e-3, warmup_steps: 2, repor
             jobs.append(overrides(f"{strategy}-mixed-{fusion}", fusion, 1, [f"train.strategy={strategy}", *mixed_data]))
     spec = root / "jobs.json"
     spec.write_text(json.dumps([{"config": str(config), "overrides": job} for job in jobs]))
-    result = torchrun([str(ROOT / "tests" / "dist_driver.py"), str(spec)], timeout=900)
+    result = torchrun([str(ROOT / "tests" / "distributed" / "dist_driver.py"), str(spec)], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return {"root": root, "config": config, "overrides": overrides}
 

@@ -11,7 +11,7 @@ from vlm.model import VLM
 from vlm.train.freezing import apply_stage, stage_plan
 from vlm.train.optim import build_optimizer
 
-RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
 
 def test_freeze_flags_override_the_stage_and_custom_needs_all():

@@ -20,7 +20,7 @@ from vlm.train import train
 from vlm.train.checkpoint import list_checkpoints
 from vlm.train.loop import TrainingAborted
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
