@@ -178,3 +178,22 @@ def test_dataset_cells_survive_pickling_for_dataloader_workers(every_format):
     copy = pickle.loads(pickle.dumps(samples))
     assert [np.asarray(im).tolist() for s in copy for im in load_images(s)] == \
         [np.asarray(im).tolist() for s in samples for im in load_images(s)]
+
+
+def test_a_new_container_is_one_registered_reader(tmp_path, monkeypatch):
+    """Adding a container format touches nothing but its reader: here a tab-separated caption file."""
+    from vlm.data import readers
+
+    monkeypatch.setattr(readers, "_READERS", list(readers._READERS))
+
+    @readers.register_reader(lambda path: path.suffix == ".tsv")
+    def read_tsv(path):
+        rows = [line.split("\t") for line in path.read_text().splitlines() if line]
+        return ((i, {"id": f"row{i}", "image": image, "caption": text}) for i, (image, text) in enumerate(rows)), "tsv"
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "captions.tsv").write_text("a.png\ta black square.\n")
+    samples, errors = read_samples(tmp_path / "captions.tsv")
+    assert errors == [] and [s.id for s in samples] == ["row0"]
+    assert samples[0].messages[-1] == {"role": "assistant", "content": "a black square."}
+    assert samples[0].source_format.endswith(":tsv")

@@ -1,6 +1,7 @@
 """Readers that turn annotation files into `Sample`s.
 
-Containers: LLaVA JSON (a list), JSONL, and everything `datasets` reads (see `hf_datasets`).
+Containers (a file or folder -> records) are readers in `vlm/data/readers/`, one file each: LLaVA JSON
+(a list), JSONL, and everything `datasets` reads. A new container is one reader file plus its test.
 Record kinds, recognised by their keys, whatever the container:
   `conversations` (LLaVA, `from: human|gpt|system`), `messages` (TRL / LLaMA-Factory; content a
   string or `{"type": "image"|"text"}` parts), `caption` (captioning table) and `question` +
@@ -16,12 +17,14 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from PIL import Image
 
 from ..config import DataConfig, DataFile
-from .hf_datasets import DatasetImage, hf_records, is_hf_source, load_hf_dataset
+from .describe import describe as _kind, short as _short
+from .hf_datasets import DatasetImage
+from .readers import reader_for
 from .sample import IMAGE_TAG, DataError, ImageRef, Sample, SampleError
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -43,11 +46,7 @@ def read_samples(
     if not path.exists():
         raise DataError(f"Data file '{path}' does not exist (check data.train_files / data.eval_files).")
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
-    if is_hf_source(path):
-        dataset, loader = load_hf_dataset(path)
-        records, container = hf_records(dataset), loader
-    else:
-        records, container = _json_records(path), None
+    records, container = reader_for(path)(path)
     samples, errors = [], []
     for index, record in records:
         sample_id = _sample_id(record, path, index)
@@ -68,37 +67,6 @@ def _sample_id(record: Any, path: Path, index: int) -> str:
     if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
         return str(value)
     return f"{path.name}:{index}"
-
-
-def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"Data file '{path}' cannot be read ({err.strerror or err}).") from None
-    if path.suffix == ".jsonl":
-        for index, line in enumerate(raw.split(b"\n")):
-            if not line.strip():
-                continue
-            try:
-                yield index, json.loads(line.decode("utf-8-sig" if index == 0 else "utf-8"))
-            except UnicodeDecodeError:
-                yield index, {"id": f"{path.name}:line {index + 1}", "__error__": "is not UTF-8 text."}
-            except json.JSONDecodeError as err:
-                yield index, {"id": f"{path.name}:line {index + 1}", "__error__": f"invalid JSON ({err.msg})"}
-        return
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"Data file '{path}' is not UTF-8 text (bad byte at line {line}); save it as UTF-8.") from None
-    except json.JSONDecodeError as err:
-        hint = " It looks like JSON Lines (one sample per line): name it .jsonl." if err.msg == "Extra data" else ""
-        raise DataError(
-            f"Data file '{path}' is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.{hint}"
-        ) from None
-    if not isinstance(data, list):
-        raise DataError(f"Data file '{path}' must hold a JSON list of samples (LLaVA format), got {_kind(data)}.")
-    yield from enumerate(data)
 
 
 def record_to_sample(
@@ -188,28 +156,6 @@ def _as_text(value: Any, where: str, sample_id: str, coerced: list[str]) -> str:
         coerced.append(f"{where} is the number {value!r}")
         return str(value)
     raise SampleError(sample_id, "malformed", f"{where} is {_kind(value)}, not text; write it as a string.")
-
-
-def _kind(value: Any) -> str:
-    """How a JSON value reads in an error message."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, (int, float)):
-        return f"the number {value!r}"
-    if isinstance(value, str):
-        return f"the string {_short(value)}"
-    if isinstance(value, (list, tuple)):
-        return f"a list of {len(value)}"
-    if isinstance(value, dict):
-        return "an object with keys " + (", ".join(map(str, list(value)[:5])) or "none")
-    return f"a {type(value).__name__}"
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _image_ref(image: Any, root: Path, sample_id: str) -> ImageRef:
