@@ -9,7 +9,6 @@ Builds untrained tiny backbones in a temporary folder; CPU, one thread unless --
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path

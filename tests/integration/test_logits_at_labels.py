@@ -1,6 +1,5 @@
 """With labels, logits are computed only where the loss reads them; loss and those logits are unchanged."""
 
-import dataclasses
 
 import pytest
 import torch

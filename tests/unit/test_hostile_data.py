@@ -4,11 +4,10 @@ skipped, unusual-but-valid images are used. Builders in tests/hostile.py."""
 import json
 import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from hostile import HOSTILE_RECORDS, NON_OBJECTS, QA, TEXT_QA, png_header, problems_by_id, write_hostile_json, write_images
+from hostile import HOSTILE_RECORDS, TEXT_QA, problems_by_id, write_hostile_json, write_images
 from vlm.cli import main
 from vlm.config import ConfigError, load_config
 from vlm.data.check import check_data
