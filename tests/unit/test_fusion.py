@@ -104,3 +104,26 @@ def test_cross_attention_describes_its_units_and_extra_methods(model_config):
     assert model.fusion.external_parameters() == [model.fusion.image_embedding]
     marker = model.lm.get_input_embeddings().weight[model.image_token_id]
     assert torch.equal(model.fusion.image_embedding, marker)  # copied in by `attach`, so it starts as the LM
+
+
+def test_late_product_lets_the_question_choose_the_kind_of_answer_and_the_image_the_value():
+    """A question-blind vision head ranks 'large' (size) above 'red' (colour); for a colour question the LM
+    knows only that a colour comes. The product picks the image's colour; the mixture cannot beat the head's
+    favourite without overruling the image, so it answers the LM's guess or the wrong kind."""
+    red, blue, large = 1, 2, 3
+    lm_logits = torch.full((1, 1, 100), -20.0)
+    lm_logits[..., [red, blue]] = 0.0  # a colour, either one
+    vision_logp = torch.full((1, 1, 100), -20.0)
+    vision_logp[..., large], vision_logp[..., red], vision_logp[..., blue] = -0.1, -3.0, -8.0
+    vision_logp = vision_logp.log_softmax(-1)
+    has_image = torch.ones(1, 1, dtype=torch.bool)
+    hidden = torch.zeros(1, 1, 48)
+    for combine, expected in (("product", red), ("mixture", large)):
+        fusion = build_fusion(ModelConfig().with_fusion("late", combine=combine), vision(2, 8), LM)
+        torch.nn.init.constant_(fusion.gate.bias, 2.0)  # trust the image a lot
+        logits = fusion.mix(lm_logits, hidden, vision_logp, has_image)
+        assert int(logits.argmax(-1)) == expected, combine
+    no_image = torch.zeros(1, 1, dtype=torch.bool)
+    assert torch.equal(fusion.mix(lm_logits, hidden, vision_logp, no_image), lm_logits)
+    with pytest.raises(ValueError, match="model.late.combine must be 'mixture' or 'product'"):
+        ModelConfig().with_fusion("late", combine="sum")

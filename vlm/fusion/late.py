@@ -3,9 +3,17 @@
 The LM reads only the text (each `<image>` stays one marker token, tokens_per_image = 0). A
 separate vision head maps the frozen tower's mean-pooled features to next-token logits over the
 vocabulary. At every position t after an image, the two next-token distributions are mixed with
-a learned, input-dependent weight g_t = sigmoid(w . h_t + b) read from the LM's last hidden state:
+a learned, input-dependent weight read from the LM's last hidden state h_t, by one of two rules
+(`model.late.combine`):
 
-    log p(x | ...) = logaddexp(log(1 - g_t) + log p_lm(x), log g_t + log p_vision(x))
+    mixture: log p(x | ...) = logaddexp(log(1 - g_t) + log p_lm(x), log g_t + log p_vision(x)),
+             g_t = sigmoid(w . h_t + b)
+    product: log p(x | ...) = log p_lm(x) + a_t log p_vision(x) + const,  a_t = softplus(w . h_t + b)
+
+A mixture can only move mass towards what the image alone predicts, so a question-blind head helps
+where one answer fits the image whatever is asked. A product of experts lets the question-aware LM
+pick the kind of answer (a colour, a count) and the image pick among those: the fair "late" model
+for VQA (docs/fusion.md).
 
 Positions before any image, and samples without one, get the LM's own logits untouched, so with
 no image the model is exactly the text-only LM. Positions after an image return log-probabilities
@@ -18,22 +26,38 @@ never the question: that is what "late" means, and why it cannot answer what dep
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError, FusionOptions
 from ..image_slots import check_markers, image_index, is_placeholder
 from .base import Fusion, FusionOutput, LMShape, VisionShape, register_fusion
 
 
-@register_fusion("late")
+@dataclass
+class LateOptions(FusionOptions):
+    """`model.late`: how the two predictors' next-token distributions are combined."""
+
+    combine: Literal["mixture", "product"] = "mixture"
+    """`mixture`: gated mixture of the two distributions; `product`: the LM's log-probs plus a gated
+    multiple of the vision head's (a product of experts)."""
+
+    def __post_init__(self) -> None:
+        if self.combine not in ("mixture", "product"):
+            raise ConfigError(f"model.late.combine must be 'mixture' or 'product', got '{self.combine}'.")
+
+
+@register_fusion("late", LateOptions)
 class LateFusion(Fusion):
     """Vision head (pooled features -> vocabulary logits) + gate on the LM's hidden state."""
 
-    def __init__(self, options: None, vision: VisionShape, lm: LMShape) -> None:
+    def __init__(self, options: LateOptions, vision: VisionShape, lm: LMShape) -> None:
         super().__init__(options, vision, lm)
+        self.combine = options.combine
         self.pool_norm = nn.LayerNorm(self.vision_dim)
         self.hidden = nn.Linear(self.vision_dim, self.lm_dim)
         self.gate = nn.Linear(self.lm_dim, 1)
@@ -74,12 +98,14 @@ class LateFusion(Fusion):
         self, lm_logits: torch.Tensor, hidden: torch.Tensor, vision_logp: torch.Tensor, has_image: torch.Tensor
     ) -> torch.Tensor:
         """lm_logits [*, vocab], hidden [*, lm_dim], vision_logp [*, vocab], has_image [*] (* = [b, q], or
-        [num_kept] under logits_to_keep) -> logits [*, vocab]: the mixture's log-probs where has_image, the
-        LM's logits unchanged elsewhere."""
+        [num_kept] under logits_to_keep) -> logits [*, vocab]: the combined log-probs (`combine`) where
+        has_image, the LM's logits unchanged elsewhere."""
         z = self.gate(hidden.to(self.gate.weight.dtype)).float()
-        mixed = torch.logaddexp(
-            F.logsigmoid(-z) + F.log_softmax(lm_logits.float(), dim=-1), F.logsigmoid(z) + vision_logp
-        )
+        lm_logp = F.log_softmax(lm_logits.float(), dim=-1)
+        if self.combine == "product":
+            mixed = lm_logp + F.softplus(z) * vision_logp  # unnormalised: softmax / argmax normalise it
+        else:
+            mixed = torch.logaddexp(F.logsigmoid(-z) + lm_logp, F.logsigmoid(z) + vision_logp)
         if not bool(has_image.any()):  # a placeholder image only: exactly the LM, the fusion still in the graph
             return lm_logits + 0 * mixed.sum().to(lm_logits.dtype)
         return torch.where(has_image.unsqueeze(-1), mixed.to(lm_logits.dtype), lm_logits)
