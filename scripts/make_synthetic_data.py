@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 
+from vlm.embedded.evidence import make_evidence_dataset
 from vlm.embedded.synthetic import make_synthetic_dataset
 
 
@@ -17,10 +18,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", type=int, default=200, help="test images (one sample per question)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evidence", action="store_true",
+                        help="the evidence-bearing variant (text notes; test items labelled by evidence source)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    paths = make_synthetic_dataset(args.out, args.train, args.eval, args.test, args.image_size, args.seed)
+    make = make_evidence_dataset if args.evidence else make_synthetic_dataset
+    paths = make(args.out, args.train, args.eval, args.test, args.image_size, args.seed)
     for split, path in paths.items():
         samples = json.loads(path.read_text())
         print(f"{split}: {len(samples)} samples -> {path}")
