@@ -214,6 +214,12 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     """Evaluate on `data.eval_files` every N optimizer steps (0: only at the end)."""
+    early_stopping_patience: int = 0
+    """Stop when the eval loss has not improved by more than `early_stopping_min_delta` for this many
+    consecutive evaluations (every `train.eval_every` steps); 0: never. The run then finishes normally
+    (final eval, `final/`); `train.max_steps` stays the cap."""
+    early_stopping_min_delta: float = 0.0
+    """How much lower than the best so far an eval loss must be to count as an improvement."""
     report_to: list[Literal["tensorboard", "wandb", "none"]] = field(default_factory=lambda: ["tensorboard"])
     """Where metrics go: one name or a list, as with transformers' Trainer (`[tensorboard, wandb]`);
     `none` or `[]`: nowhere."""
@@ -244,6 +250,14 @@ class TrainConfig:
             self.report_to = [self.report_to]
         if "none" in self.report_to and len(set(self.report_to)) > 1:
             raise ConfigError(f"train.report_to={self.report_to} mixes 'none' with trackers; drop one of them.")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"train.early_stopping_patience must be >= 0 (0: never stop early), "
+                              f"got {self.early_stopping_patience}.")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ConfigError(f"train.early_stopping_patience={self.early_stopping_patience} counts periodic "
+                              "evaluations, but train.eval_every is 0; set train.eval_every (e.g. 100).")
+        if not self.early_stopping_min_delta >= 0:
+            raise ConfigError(f"train.early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}.")
 
 
 @dataclass

@@ -255,3 +255,36 @@ def test_offload_outside_deepspeed_is_refused_not_ignored(tmp_path, capsys, key)
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"Config error: train.{key}=true needs train.strategy=zero2 or zero3" in err and "Traceback" not in err
+
+
+# -- early stopping: train.early_stopping_patience / train.early_stopping_min_delta --
+
+def test_early_stopping_keys_default_to_off_and_are_typed():
+    train = load_config(None).train
+    assert (train.early_stopping_patience, train.early_stopping_min_delta) == (0, 0.0)
+    train = load_config(None, ["train.eval_every=50", "train.early_stopping_patience=3",
+                               "train.early_stopping_min_delta=1e-3"]).train
+    assert (train.early_stopping_patience, train.early_stopping_min_delta) == (3, pytest.approx(1e-3))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.early_stopping_patience=-1"], r"train\.early_stopping_patience must be >= 0 \(0: never stop early\), got -1"),
+    (["train.early_stopping_patience=2"], r"train\.eval_every is 0; set train\.eval_every"),
+    (["train.eval_every=5", "train.early_stopping_patience=2", "train.early_stopping_min_delta=-0.1"],
+     r"train\.early_stopping_min_delta must be >= 0, got -0\.1"),
+])
+def test_bad_early_stopping_settings_are_one_line_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_early_stopping_without_eval_files_is_refused_before_training():
+    from vlm.train.early_stopping import check_early_stopping
+
+    config = load_config(None, ["train.eval_every=5", "train.early_stopping_patience=2"])
+    with pytest.raises(ConfigError, match=r"needs an eval set; set data\.eval_files"):
+        check_early_stopping(config)
+    check_early_stopping(load_config(None, ["train.eval_every=5", "train.early_stopping_patience=2",
+                                            "data.eval_files=[eval.json]"]))
+    check_early_stopping(load_config(None))  # off: no eval set needed

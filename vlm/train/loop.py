@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -40,6 +40,7 @@ from .batches import (Batch, first_readable_batch, make_loader, micro_batches, m
                       to_device, zero_weight)
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
+from .early_stopping import check_early_stopping, eval_progress
 from .freezing import apply_stage
 from .launch_env import apply_launcher_settings
 from .lora import save_final
@@ -55,10 +56,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["Trainer", "TrainingAborted", "build_model", "train"]
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Train as configured; write `output_dir/final/` and return a summary of the run."""
+def train(config: Config, on_step: Optional[Callable[["Trainer"], None]] = None) -> dict[str, Any]:
+    """Train as configured; write `output_dir/final/` and return a summary of the run (`on_step`: see `Trainer`)."""
     env = init_distributed()
-    trainer = Trainer(config, env)
+    trainer = Trainer(config, env, on_step)
     try:
         trainer.setup()
         return trainer.run()
@@ -89,11 +90,14 @@ class StepResult:
 
 
 class Trainer:
-    """One training run on this process (every rank runs the same calls in the same order)."""
+    """One training run on this process (every rank runs the same calls in the same order). `on_step(trainer)`,
+    if given, is called on every rank after each applied optimizer step (after its periodic evaluation)."""
 
-    def __init__(self, config: Config, env: DistEnv) -> None:
+    def __init__(self, config: Config, env: DistEnv, on_step: Optional[Callable[["Trainer"], None]] = None) -> None:
         self.config = config
         self.env = env
+        self.on_step = on_step
+        self.stopped_early = False
         self.output_dir = Path(config.output_dir)
         self.state = TrainState()
         self.publisher: TrainingPublisher | None = None
@@ -107,6 +111,7 @@ class Trainer:
         """Launcher settings, model, data, strategy and optimizer; the checkpoint to resume from; the run
         folder and trackers."""
         self.config = config = apply_launcher_settings(self.config)
+        check_early_stopping(config)
         env = self.env
         set_seed(config.train.seed)
         self.strategy = build_strategy(config, env)
@@ -184,7 +189,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Step until `train.max_steps` or a stop request; then `finish()` (or save and return when stopped)."""
+        """Step until `train.max_steps`, early stopping or a stop request; then `finish()` (or save and return
+        when stopped by a signal)."""
         train = self.config.train
         self.started = time.perf_counter()
         self.progress = progress_bar(total=train.max_steps, initial=self.state.step, disable=not self.env.is_main,
@@ -198,13 +204,13 @@ class Trainer:
                 if not result.bad:
                     self._log(result)
                     if self.eval_loader is not None and train.eval_every and self.state.step % train.eval_every == 0:
-                        eval_loss = self.evaluate()
-                        self.trackers.log({"eval/loss": eval_loss}, self.state.step)
-                        self.progress.write(f"step {self.state.step}: eval loss {eval_loss:.4f}")
-                    if not stopped and train.save_every and self.state.step % train.save_every == 0 \
-                            and self.state.step < train.max_steps:
+                        self.stopped_early = self._periodic_eval()
+                    if self.on_step is not None:
+                        self.on_step(self)
+                    if not stopped and not self.stopped_early and train.save_every \
+                            and self.state.step % train.save_every == 0 and self.state.step < train.max_steps:
                         self.save()
-                if stopped or self.state.step >= train.max_steps:
+                if stopped or self.stopped_early or self.state.step >= train.max_steps:
                     break
         self.progress.close()
         if stopped:
@@ -279,6 +285,22 @@ class Trainer:
             self.trackers.log({"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                                "train/tokens_per_s": rate}, step)
 
+    def _periodic_eval(self) -> bool:
+        """Evaluate, log and record the eval loss; True when early stopping says to stop here."""
+        step, train = self.state.step, self.config.train
+        eval_loss = self.evaluate()
+        self.state.eval_history.append({"step": step, "loss": eval_loss})
+        self.trackers.log({"eval/loss": eval_loss}, step)
+        self.progress.write(f"step {step}: eval loss {eval_loss:.4f}")
+        progress = eval_progress(self.state.eval_history, train.early_stopping_min_delta)
+        if not train.early_stopping_patience or progress.waited < train.early_stopping_patience:
+            return False
+        if self.env.is_main:
+            best = math.nan if progress.best_loss is None else progress.best_loss
+            logger.info("Early stopping at step %d: eval loss has not improved for %d evaluations (best %.4f at "
+                        "step %s).", step, progress.waited, best, progress.best_step)
+        return True
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per supervised token over the whole eval set (all ranks)."""
@@ -321,9 +343,13 @@ class Trainer:
             "strategy": strategy.name,
             "world_size": env.world_size,
         }
-        if self.eval_loader is not None:
-            summary["eval_loss"] = self.evaluate()
-            self.trackers.log({"eval/loss": summary["eval_loss"]}, state.step)
+        if self.eval_loader is not None:  # the periodic eval at this very step (e.g. an early stop) is reused
+            if not state.eval_history or state.eval_history[-1]["step"] != state.step:
+                state.eval_history.append({"step": state.step, "loss": self.evaluate()})
+                self.trackers.log({"eval/loss": state.eval_history[-1]["loss"]}, state.step)
+            summary["eval_loss"] = state.eval_history[-1]["loss"]
+        best = eval_progress(state.eval_history, config.train.early_stopping_min_delta)
+        summary.update(best_eval_step=best.best_step, best_eval_loss=best.best_loss, stopped_early=self.stopped_early)
         full = strategy.full_state_dict()  # collective for sharded strategies
         if env.is_main:
             model = strategy.unwrapped() if strategy.replicated else build_model(config)[0]
@@ -331,14 +357,14 @@ class Trainer:
                 model.load_state_dict(full)
             save_final(model, self.output_dir / "final", merge=config.export.merge_lora,
                        base=config.model.init_from or config.model.pretrained)
-            details = {"history": history, "bad_step_samples": state.bad_steps}
+            details = {"history": history, "eval_history": state.eval_history, "bad_step_samples": state.bad_steps}
             (self.output_dir / "train_summary.json").write_text(json.dumps({**summary, **details}, indent=2))
             print(json.dumps(summary), flush=True)
             metrics = {k: summary[k] for k in ("final_loss", "eval_loss") if k in summary}
             self.publisher.on_end(self.output_dir / "final", metrics)  # model card; the push when hub.push
         barrier(env)
         self.trackers.finish()
-        return {**summary, "history": history}
+        return {**summary, "history": history, "eval_history": state.eval_history}
 
     def cleanup(self) -> None:
         """On every path: queued hub pushes finish and temporary snapshots go."""

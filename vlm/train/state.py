@@ -29,7 +29,8 @@ class DataPosition:
 
 @dataclass
 class TrainState:
-    """Optimizer steps applied, data position, per-step history, skipped (bad) steps and skipped samples."""
+    """Optimizer steps applied, data position, per-step history, skipped (bad) steps, skipped samples and
+    evaluations."""
 
     step: int = 0
     position: DataPosition = field(default_factory=DataPosition)
@@ -39,13 +40,19 @@ class TrainState:
     """One entry per skipped step: `after_step` (the last applied one) and the sample ids it read."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples skipped, by category (`vlm data check` names)."""
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per evaluation: step, loss; early stopping's counters are derived from it, so a resumed
+    run continues counting."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; flat keys (`epoch`, `batches_in_epoch`), as checkpoints have always had."""
-        return {
+        out = {
             "step": self.step, "epoch": self.position.epoch, "batches_in_epoch": self.position.batches_in_epoch,
             "history": self.history, "bad_steps": self.bad_steps, "skipped": self.skipped,
         }
+        if self.eval_history:  # absent without evaluations, so older checkpoints round-trip unchanged
+            out["eval_history"] = self.eval_history
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainState":
@@ -54,7 +61,7 @@ class TrainState:
             step=int(raw["step"]),
             position=DataPosition(int(raw.get("epoch", 0)), int(raw.get("batches_in_epoch", 0))),
             history=list(raw.get("history", [])), bad_steps=list(raw.get("bad_steps", [])),
-            skipped=dict(raw.get("skipped", {})),
+            skipped=dict(raw.get("skipped", {})), eval_history=list(raw.get("eval_history", [])),
         )
 
     def count_skipped(self, category: str) -> None:
