@@ -41,10 +41,24 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench_fusion(args: argparse.Namespace) -> int:
     from .bench.fusion import bench_fusion
 
+    def items(text: str) -> list[str]:
+        return [s.strip() for s in text.split(",") if s.strip()]
+
+    if args.merge:
+        from .bench.fusion import merge_results
+
+        rows = merge_results(args.merge, args.out)
+        print((Path(args.out) / "results.md").read_text())
+        return 0 if all(row["status"] == "ok" for row in rows) else 1
+    if not args.config:
+        raise ValueError("vlm bench fusion needs --config (or --merge).")
+    seeds = [int(s) for s in items(args.seeds)] if "," in args.seeds else int(args.seeds)
     rows = bench_fusion(
-        args.config, [s.strip() for s in args.strategies.split(",") if s.strip()],
-        [float(r) for r in args.image_drop.split(",")], args.out, args.steps, args.overrides, args.data,
-        args.image_root, args.max_new_tokens, args.batch_size,
+        args.config, args.out, items(args.strategies), items(args.regimes), [float(d) for d in items(args.dropout)],
+        seeds, args.max_steps, args.budget, args.eval_every, args.patience, args.min_delta,
+        args.train_batch_size, args.train_images,
+        args.eval_images, args.test_images, not args.no_text_only, args.overrides, args.max_new_tokens,
+        args.batch_size,
     )
     print((Path(args.out) / "results.md").read_text())
     return 0 if all(row["status"] == "ok" for row in rows) else 1
@@ -147,17 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(run=_push)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    fusion = bench.add_parser("fusion", help="train and compare fusion strategies, with missing images too")
-    fusion.add_argument("--config", required=True, help="YAML config every strategy starts from")
-    fusion.add_argument("--strategies", default="early,projector,resampler,cross_attention,late")
-    fusion.add_argument("--image-drop", default="0,0.5,1.0", help="comma-separated image-drop rates for evaluation")
-    fusion.add_argument("--out", required=True, help="folder for results.md / results.csv / fusion.png and runs")
-    fusion.add_argument("--steps", type=int, default=None, help="training steps per strategy (default: the config's)")
-    fusion.add_argument("--data", default=None, help="test file (default: test.json beside the training data)")
-    fusion.add_argument("--image-root", default=None)
-    fusion.add_argument("--max-new-tokens", type=int, default=24)
-    fusion.add_argument("--batch-size", type=int, default=32)
-    fusion.add_argument("overrides", nargs="*", help="dotted config overrides applied to every strategy")
+    fusion = bench.add_parser("fusion", help="train and compare fusion strategies; missing and corrupted images")
+    fusion.add_argument("--config", help="YAML config every job starts from (backbones, lr)")
+    fusion.add_argument("--out", required=True, help="folder for results.md / results.csv / plots, data and runs")
+    fusion.add_argument("--strategies", default="early,projector,resampler,cross_attention,late",
+                        help="fusion strategies or named variants (vlm/bench/fusion.py: STRATEGY_OVERRIDES)")
+    fusion.add_argument("--regimes", default="finetune", help="what trains: align, finetune, lora (comma-separated)")
+    fusion.add_argument("--dropout", default="0,0.3", help="training image-dropout rates (comma-separated)")
+    fusion.add_argument("--seeds", default="1", help="N: seeds 0..N-1 per job (mean +- std); or a list: 1,2")
+    fusion.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="only rewrite the results of these bench folders as one, into --out")
+    fusion.add_argument("--max-steps", type=int, default=400, help="step cap of early stopping")
+    fusion.add_argument("--budget", type=int, default=200, help="the equal step budget every job is scored at")
+    fusion.add_argument("--eval-every", type=int, default=50, help="eval-loss interval for early stopping")
+    fusion.add_argument("--patience", type=int, default=2, help="evaluations without improvement before stopping")
+    fusion.add_argument("--min-delta", type=float, default=0.005, help="eval-loss drop that counts as improvement")
+    fusion.add_argument("--train-batch-size", type=int, default=8)
+    fusion.add_argument("--train-images", type=int, default=2000)
+    fusion.add_argument("--eval-images", type=int, default=100)
+    fusion.add_argument("--test-images", type=int, default=50, help="test scenes (about 8 questions each)")
+    fusion.add_argument("--no-text-only", action="store_true", help="skip the text-only and base-LM baselines")
+    fusion.add_argument("--max-new-tokens", type=int, default=4)
+    fusion.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    fusion.add_argument("overrides", nargs="*", help="dotted config overrides applied to every job")
     fusion.set_defaults(run=_bench_fusion)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)

@@ -1,44 +1,101 @@
-"""`vlm bench fusion` on a tiny setting: files, columns, and a failing strategy kept in its row."""
+"""`vlm bench fusion` on a tiny setting: every column and plot, a failing strategy kept in its row, and a
+text-only baseline that never sees an image."""
 
 from __future__ import annotations
 
 import csv
+import json
 
+import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from vlm.cli import main
 
+CONDITIONS = ["clean", "no_image", "no_note", "no_image_no_note",
+              *(f"{kind}{s}" for kind in ("noise", "blur", "occlusion") for s in (1, 2, 3))]
 
-def test_bench_fusion_writes_results_and_records_a_failure(backbones, synthetic, tmp_path, capsys):
-    config = tmp_path / "tiny.yaml"
+
+@pytest.fixture(scope="module")
+def bench(backbones, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"vision": str(backbones["vit"]), "lm": str(backbones["lm"]), "projector": {"type": "linear"}},
-        "data": {"train_files": [str(synthetic["train"])], "max_length": 256},
-        "train": {"stage": "finetune", "batch_size": 4, "lr": 1e-3, "seed": 0},
+        "data": {"max_length": 512},
+        "train": {"stage": "finetune", "lr": 1e-3, "seed": 0},
     }))
-    out = tmp_path / "bench"
+    out = tmp / "bench"
     code = main([
-        "bench", "fusion", "--config", str(config), "--strategies", "projector,late,no_such_fusion",
-        "--image-drop", "0,1.0", "--out", str(out), "--steps", "2", "--data", str(synthetic["test"]),
-        "--max-new-tokens", "3", "--batch-size", "8",
+        "bench", "fusion", "--config", str(config), "--out", str(out), "--strategies", "projector,late,no_such_fusion",
+        "--dropout", "0", "--max-steps", "4", "--budget", "2", "--eval-every", "2", "--patience", "1",
+        "--train-images", "16", "--eval-images", "4", "--test-images", "4", "--train-batch-size", "4",
+        "--batch-size", "16",
     ])
-    assert code == 1  # one strategy failed
-    assert "| projector | ok |" in capsys.readouterr().out
+    return code, out
 
+
+def test_bench_fusion_writes_every_column_and_plot_and_records_a_failure(bench):
+    code, out = bench
+    assert code == 1  # one strategy failed
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["strategy"] for r in rows] == ["projector", "late", "no_such_fusion"]
-    expected = {"acc_colour", "acc_shape", "acc_position", "acc_size", "acc_count", "caption_cider",
-                "acc_drop_0", "acc_drop_1", "trainable_params", "total_params", "step_ms", "peak_mem_mb", "eval_s"}
+    assert [r["name"] for r in rows] == ["base_lm", "text_only", "projector", "late", "no_such_fusion"]
+    conflicts = any(r["evidence"] == "conflict" for r in json.loads((out / "data" / "test_clean.json").read_text()))
+    expected = {f"{c}:{group}" for c in CONDITIONS for group in ("all", "image", "note", "redundant", "complementary")}
+    expected |= {"budget:clean:all", "budget:no_image:all", "graceful", "text_loss", "steps", "best_eval_step",
+                 "trainable_params", "total_params", "tokens_per_image", "step_ms", "tokens_s", "peak_mem_mb",
+                 "train_s", "eval_s", "wall_s"}
+    expected |= {"clean:trust_image", "clean:trust_note"} if conflicts else set()
     assert expected <= set(rows[0])
-    for row in rows[:2]:
+    for row in rows[:4]:
         assert row["status"] == "ok", row["error"]
-        assert 0 <= float(row["acc_drop_0"]) <= 1 and 0 <= float(row["acc_drop_1"]) <= 1
+        for condition in CONDITIONS:
+            assert 0 <= float(row[f"{condition}:all"]) <= 1
+        assert float(row["text_loss"]) > 0 and float(row["peak_mem_mb"]) > 100
+    for row in rows[1:4]:  # trained jobs
         assert 0 < int(row["trainable_params"]) <= int(row["total_params"])
-        assert float(row["step_ms"]) > 0 and float(row["peak_mem_mb"]) > 100 and float(row["eval_s"]) > 0
-        assert (out / row["strategy"] / "final" / "model.safetensors").is_file()
-    assert rows[2]["status"] == "failed" and "no_such_fusion" in rows[2]["error"]
-    assert "not a registered strategy" in rows[2]["error"]
+        assert int(row["steps"]) == 4 and float(row["step_ms"]) > 0 and float(row["tokens_s"]) > 0
+        assert 0 <= float(row["budget:clean:all"]) <= 1
+        floor = float(rows[1]["no_image:all"])  # the text-only row; a ratio to a zero floor is left empty
+        assert row["graceful"] == "" if floor == 0 else float(row["graceful"]) == float(row["no_image:all"]) / floor
+        run = f"{row['name']}__finetune__drop{1 if row['name'] == 'text_only' else 0}__seed0"
+        assert (out / "runs" / run / "final" / "model.safetensors").is_file()
+    assert int(rows[2]["tokens_per_image"]) > 0 and rows[3]["tokens_per_image"] == "0"  # late adds no positions
+    assert rows[4]["status"] == "failed" and "not a registered strategy" in rows[4]["error"]
 
     table = (out / "results.md").read_text()
-    assert "| no_such_fusion | failed |" in table and "acc_drop_0.5" not in table
-    assert (out / "fusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for title in ("Accuracy and cost", "Accuracy per evidence source and condition", "Accuracy under corruption"):
+        assert f"### {title}" in table
+    assert "| no_such_fusion | finetune | 0 | failed: " in table
+    for plot in ("fusion_corruption.png", "fusion_evidence.png", "fusion_params.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fusion_weights(run) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights at initialisation, as the trainer builds them, and after training) of a run's fusion."""
+    from transformers import set_seed
+
+    from vlm.config import load_config
+    from vlm.train.loop import build_model
+
+    config = load_config(str(run / "config.yaml"))
+    set_seed(config.train.seed)
+    initial = {f"fusion.{k}": v for k, v in build_model(config)[0].fusion.state_dict().items()}
+    final = load_file(run / "final" / "model.safetensors")
+    return initial, {k: v for k, v in final.items() if k.startswith("fusion.")}
+
+
+def test_the_text_only_baseline_never_sees_an_image(bench):
+    _, out = bench
+    runs = out / "runs"
+    # No image reaches its training: the fusion gets no gradient and keeps its initial weights exactly,
+    # while the same strategy trained with images moves.
+    initial, final = _fusion_weights(runs / "text_only__finetune__drop1__seed0")
+    assert final and all(torch.equal(initial[k], final[k]) for k in final)
+    initial, final = _fusion_weights(runs / "projector__finetune__drop0__seed0")
+    assert not all(torch.equal(initial[k], final[k]) for k in final)
+    # Nor its evaluation: clean, corrupted and dropped images give the same answers.
+    predictions = {c: (runs / "text_only__finetune__drop1__seed0" / "predictions" / f"{c}.jsonl").read_text()
+                   for c in ("clean", "no_image", "occlusion3")}
+    assert predictions["clean"] == predictions["no_image"] == predictions["occlusion3"]

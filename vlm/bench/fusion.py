@@ -1,230 +1,234 @@
-"""`vlm bench fusion`: train every fusion strategy on the same data, steps, seed and backbones, then
-compare accuracy (per question type, and with images dropped at given rates), cost and memory.
+"""`vlm bench fusion`: which fusion strategy to pick, measured on a task where both modalities carry evidence.
 
-Each strategy runs in its own Python process, so its peak memory is its own and a crash in one
-(bad config, out of memory) is written into its row while the others still run. Results are
-rewritten after every strategy: DIR/results.csv, DIR/results.md and DIR/fusion.png.
+One data build (the evidence-bearing synthetic set, vlm/embedded/evidence.py), one set of test
+conditions (image present / dropped / corrupted at three severities of three kinds, note present /
+absent), one frozen-feature cache shared by every strategy that reads the tower. Then one job per
+strategy x regime x training image-dropout x seed, each in its own process (its peak memory is its
+own; a crash is written into its row), plus two baselines: a text-only model (the same LM fine-tuned
+on the same data with every image removed) and the frozen base LM. Results are rewritten after every
+job: DIR/results.csv, DIR/results.md and three plots (vlm/bench/fusion_report.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
-import math
-import re
-import resource
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..embedded.synthetic import QUESTION_TYPES
 from ..progress import progress_bar
-
+from .fusion_report import write_results
 
 STRATEGY_OVERRIDES: dict[str, list[str]] = {
     "early": ["model.fusion=early"],
     "projector": ["model.fusion=projector"],
+    "projector_mlp": ["model.fusion=projector", "model.projector.type=mlp2x_gelu"],
     "resampler": ["model.fusion=resampler", "model.resampler.latents=16"],
+    "resampler_64": ["model.fusion=resampler", "model.resampler.latents=64"],
     "cross_attention": ["model.fusion=cross_attention", "model.cross_attention.every_n_layers=1"],
-    "late": ["model.fusion=late"],
+    # A question-blind vision head can only answer VQA combined as a product with the question-aware LM.
+    "late": ["model.fusion=late", "model.late.combine=product"],
+    "late_mixture": ["model.fusion=late", "model.late.combine=mixture"],
 }
-"""Per-strategy settings applied before the user's overrides; any other name means `model.fusion=<name>`."""
+"""Named variants applied before the user's overrides; any other name means `model.fusion=<name>`."""
+
+REGIME_OVERRIDES: dict[str, list[str]] = {
+    "align": ["train.stage=align"],
+    "finetune": ["train.stage=finetune"],
+    "lora": ["train.stage=finetune", "train.lora.enabled=true"],
+}
+"""What trains: the fusion only (frozen LM), the fusion and the LM, or the fusion and LoRA adapters."""
+
+CORRUPTIONS = ("noise", "blur", "occlusion")
+SEVERITIES = (1, 2, 3)
+
+SECONDS_PER_JOB = {"early": 170, "cross_attention": 190, "late": 150, "text_only": 120, "base_lm": 25}
+"""Rough wall time of one job of the default run on a quiet 2-core CPU, for the estimate printed first."""
+DEFAULT_SECONDS = 150
+
+
+@dataclass
+class Job:
+    """One row: `kind` is `vlm`, `text_only` (trained and scored without images) or `base_lm` (no training)."""
+
+    name: str
+    kind: str
+    strategy: str
+    regime: str
+    dropout: float
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}__{self.regime}__drop{self.dropout:g}__seed{self.seed}"
 
 
 def strategy_overrides(strategy: str) -> list[str]:
     return list(STRATEGY_OVERRIDES.get(strategy, [f"model.fusion={strategy}"]))
 
 
-def default_test_file(config: Any) -> str:
-    """`test.json` beside the first training file (the quickstart layout), else the first eval file."""
-    if config.data.train_files:
-        test = Path(config.data.train_files[0]).with_name("test.json")
-        if test.is_file():
-            return str(test)
-    if config.data.eval_files:
-        return config.data.eval_files[0]
-    raise ValueError("No test data: pass --data, or set data.eval_files in the config.")
+def plan_jobs(strategies: list[str], regimes: list[str], dropouts: list[float], seeds: list[int],
+              text_only: bool = True) -> list[Job]:
+    """Baselines first (the text-only floor is every later row's reference), then the grid."""
+    for regime in regimes:
+        if regime not in REGIME_OVERRIDES:
+            raise ValueError(f"--regimes: unknown regime '{regime}'; choose from {sorted(REGIME_OVERRIDES)}.")
+    # The base LM does not train, so its row is the same for every seed: scored once, with seed 0.
+    jobs = [Job("base_lm", "base_lm", "projector", "frozen", 0.0, 0)] if text_only and 0 in seeds else []
+    for seed in seeds:
+        if text_only:
+            jobs.append(Job("text_only", "text_only", "projector", "finetune", 1.0, seed))
+        jobs += [Job(s, "vlm", s, r, d, seed) for r in regimes for s in strategies for d in dropouts]
+    return jobs
 
 
-def run_strategy(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one strategy, then predict + score the test file at each image-drop rate (in this process)."""
-    import torch
+def estimate_seconds(jobs: list[Job]) -> float:
+    return sum(SECONDS_PER_JOB.get(job.kind if job.kind != "vlm" else job.strategy, DEFAULT_SECONDS) for job in jobs)
 
-    from ..config import load_config
-    from ..eval.predict import evaluate_predictions, predict
-    from ..factory import load
-    from ..train import train
-    from ..train.freezing import apply_stage
 
-    out = Path(job["out"])
-    overrides = [*strategy_overrides(job["strategy"]), "train.eval_every=0", "train.report_to=none"]
-    if job.get("steps"):
-        overrides.append(f"train.max_steps={job['steps']}")
-    config = load_config(job["config"], [*overrides, *job.get("overrides", []), f"output_dir={out}"])
-    summary = train(config)
-    model, processor = load(out / "final")
-    apply_stage(model, config.train.stage)
-    modules = [model.fusion, model.lm] + ([model.vision] if model.fusion.reads_encoder_features else [])
-    params = [p for module in modules for p in module.parameters()]
-    row: dict[str, Any] = {
-        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-        "total_params": sum(p.numel() for p in params),
-        "train_steps": summary["steps"],
-        "step_ms": 1000 * summary["train_seconds"] / max(summary["steps"], 1),
-        "final_loss": summary["final_loss"],
+def build_data(out: Path, train_images: int, eval_images: int, test_images: int, image_size: int) -> dict[str, Any]:
+    """The evidence-bearing data and every test condition's file, built once; reused when the spec matches."""
+    from ..embedded.evidence import make_evidence_dataset, without_note
+    from ..eval.corruptions import corrupt_data_file
+
+    data = out / "data"
+    spec = {"train": train_images, "eval": eval_images, "test": test_images, "image_size": image_size, "version": 1}
+    spec_file = data / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        return json.loads((data / "conditions.json").read_text())
+    paths = make_evidence_dataset(data, train_images, eval_images, test_images, image_size, seed=0)
+    # Short answers only: captions take 24 new tokens each and are not what this benchmark asks.
+    vqa = [r for r in json.loads(paths["test"].read_text()) if r["type"] != "caption"]
+    cond = data / "conditions"
+    clean, no_note = data / "test_clean.json", data / "test_no_note.json"  # beside images/, which they name
+    clean.write_text(json.dumps(vqa, indent=1))
+    no_note.write_text(json.dumps([without_note(r) for r in vqa], indent=1))
+    conditions: dict[str, dict[str, Any]] = {
+        "clean": {"file": str(clean), "image_drop": 0.0},
+        "no_image": {"file": str(clean), "image_drop": 1.0},
+        "no_note": {"file": str(no_note), "image_drop": 0.0},
+        "no_image_no_note": {"file": str(no_note), "image_drop": 1.0},
     }
-    image_root = job.get("image_root") or config.data.image_root
-    for rate in job["image_drop"]:
-        started = time.perf_counter()
-        preds = out / f"predictions_drop{rate:g}.jsonl"
-        predict(model, processor, job["data"], preds, image_root, job["max_new_tokens"], job["batch_size"],
-                image_drop=rate, seed=config.train.seed)
-        metrics = evaluate_predictions(preds, job["data"])
-        seconds = time.perf_counter() - started
-        row[f"acc_drop_{rate:g}"] = metrics.get("vqa", {}).get("accuracy", math.nan)
-        if rate == job["image_drop"][0]:  # the first rate (0 by default) gives the per-type figures
-            row["eval_s"] = seconds
-            row["vqa_acc"] = metrics.get("vqa", {}).get("accuracy", math.nan)
-            for name, value in metrics.get("vqa", {}).get("per_type", {}).items():
-                row[f"acc_{name}"] = value["accuracy"]
-            row["caption_cider"] = metrics.get("caption", {}).get("cider_d", math.nan)
-    if torch.cuda.is_available():
-        row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is in KiB on Linux
-        row["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return row
+    for kind in CORRUPTIONS:
+        for severity in SEVERITIES:
+            path = corrupt_data_file(clean, cond / f"{kind}{severity}", kind, severity, seed=0)
+            conditions[f"{kind}{severity}"] = {"file": str(path), "image_drop": 0.0}
+    result = {"train": str(paths["train"]), "eval": str(paths["eval"]), "conditions": conditions,
+              "questions": len(vqa)}
+    (data / "conditions.json").write_text(json.dumps(result, indent=1))
+    spec_file.write_text(json.dumps(spec))
+    return result
 
 
-def _error_of(log: str, returncode: int) -> str:
+def job_overrides(job: Job, data: dict[str, Any], settings: dict[str, Any], user: list[str], out: Path) -> list[str]:
+    reads_tower = job.strategy != "early" and job.kind == "vlm"
+    overrides = [
+        *strategy_overrides(job.strategy), *REGIME_OVERRIDES.get(job.regime, []),
+        f"data.train_files=[{data['train']}]", f"data.eval_files=[{data['eval']}]",
+        f"data.cache_features={str(reads_tower).lower()}", f"data.cache_dir={out / 'feature_cache'}",
+        f"train.image_dropout={job.dropout}", f"train.seed={job.seed}", f"train.max_steps={settings['max_steps']}",
+        f"train.eval_every={settings['eval_every']}", f"train.early_stopping_patience={settings['patience']}",
+        f"train.early_stopping_min_delta={settings['min_delta']}", f"train.batch_size={settings['batch_size']}",
+        "train.report_to=none", "train.save_every=0",
+    ]
+    return [*overrides, *user]
+
+
+def bench_fusion(
+    config: str, out: str | Path, strategies: list[str], regimes: list[str] = ("finetune",),
+    dropouts: list[float] = (0.0, 0.3), seeds: int | list[int] = 1, max_steps: int = 400, budget: int = 200,
+    eval_every: int = 50, patience: int = 2, min_delta: float = 0.005, batch_size: int = 8,
+    train_images: int = 2000, eval_images: int = 100, test_images: int = 50, text_only: bool = True, overrides: list[str] = (), max_new_tokens: int = 4,
+    eval_batch_size: int = 64, image_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Run every job, one after another, each in its own process; returns the result rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dropouts = [float(d) for d in dropouts]
+    if any(not 0 <= d < 1 for d in dropouts):
+        raise ValueError(f"--dropout rates must be in [0, 1), got {dropouts}.")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    jobs = plan_jobs(list(strategies), list(regimes), dropouts, seeds, text_only)
+    print(f"vlm bench fusion: {len(jobs)} jobs; estimated {estimate_seconds(jobs) / 60:.0f} min on a quiet "
+          "2-core CPU (more with other work running).", flush=True)
+    started = time.perf_counter()
+    data = build_data(out, train_images, eval_images, test_images, image_size)
+    settings = {"max_steps": max_steps, "eval_every": eval_every, "patience": patience, "budget": budget,
+                "min_delta": min_delta, "batch_size": batch_size}
+    header = (f"Fusion benchmark: config `{config}`; evidence-bearing synthetic data ({train_images} training "
+              f"images, {data['questions']} test questions); batch {batch_size}; early stopping on eval loss (every "
+              f"{eval_every} steps, patience {patience}, min delta {min_delta:g}, cap {max_steps} steps); equal "
+              f"budget {budget} steps; seeds "
+              f"{', '.join(map(str, seeds))}; overrides: {' '.join(overrides) or 'none'}.")
+    rows: list[dict[str, Any]] = []
+    for job in (progress := progress_bar(jobs, desc="bench fusion", unit="job", every=1)):
+        progress.set_postfix(job=job.folder)
+        run_dir = out / "runs" / job.folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec = {
+            **asdict(job), "config": config, "out": str(run_dir), "budget": budget,
+            "overrides": job_overrides(job, data, settings, list(overrides), out),
+            "conditions": data["conditions"], "budget_conditions": ["clean", "no_image"],
+            "max_new_tokens": max_new_tokens, "eval_batch_size": eval_batch_size,
+        }
+        job_started = time.perf_counter()
+        with (run_dir / "bench.log").open("w") as log:
+            proc = subprocess.run([sys.executable, "-m", "vlm.bench.fusion_worker", "--job", json.dumps(spec)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        row: dict[str, Any] = {**asdict(job)}
+        result = run_dir / "bench.json"
+        if proc.returncode == 0 and result.is_file():
+            row.update(json.loads(result.read_text()), status="ok")
+        else:
+            row.update(status="failed", error=error_of((run_dir / "bench.log").read_text(), proc.returncode))
+            progress.write(f"{job.folder}: failed ({row['error']}); log in {run_dir / 'bench.log'}")
+        row["wall_s"] = time.perf_counter() - job_started
+        rows.append(row)
+        write_results(out, rows, header, total_s=time.perf_counter() - started)
+        (out / "rows.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return rows
+
+
+def error_of(log: str, returncode: int) -> str:
     """The exception line of a failed run's log (its last line when there is none)."""
+    import re
+
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line)]
     return (errors or lines or [f"exit status {returncode}"])[-1][:300]
 
 
-def columns(image_drop: list[float], rows: list[dict[str, Any]]) -> list[str]:
-    """CSV / table columns: question types first (any extra types found after the usual five)."""
-    extra = sorted({k[4:] for r in rows for k in r if k.startswith("acc_") and not k.startswith("acc_drop_")}
-                   - set(QUESTION_TYPES))
-    return [
-        "strategy", "status", *(f"acc_{t}" for t in (*QUESTION_TYPES, *extra)), "vqa_acc", "caption_cider",
-        *(f"acc_drop_{r:g}" for r in image_drop), "trainable_params", "total_params", "step_ms", "peak_mem_mb",
-        "eval_s", "wall_s", "train_steps", "final_loss", "error",
-    ]
-
-
-def write_results(out: Path, rows: list[dict[str, Any]], image_drop: list[float], header: str) -> None:
-    """DIR/results.csv, DIR/results.md and DIR/fusion.png from the rows so far."""
-    cols = columns(image_drop, rows)
-    with (out / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    shown = [c for c in cols if c not in ("train_steps", "final_loss")]
-    lines = [header, "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(c, r.get(c, "")) for c in shown) + " |" for r in rows]
-    lines += ["", "acc_*: VQA accuracy on the test questions (acc_drop_R: each image dropped with probability R); "
-              "caption_cider: CIDEr-D of the captions; step_ms: mean training step time; peak_mem_mb: the "
-              "strategy's process peak (RSS on CPU, allocated CUDA memory on GPU); eval_s: predict + score at "
-              f"drop rate {image_drop[0]:g}. Params exclude a vision tower the strategy never runs.", ""]
-    (out / "results.md").write_text("\n".join(lines))
-    plot(out / "fusion.png", rows, image_drop)
-
-
-def _fmt(column: str, value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if column.startswith("acc") or column == "vqa_acc":
-            return f"{value:.1%}"
-        return f"{value:.2f}" if column == "caption_cider" else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
-    if isinstance(value, int) and column.endswith("params"):
-        return f"{value:,}"
-    return str(value).replace("|", "/")
-
-
-def plot(path: Path, rows: list[dict[str, Any]], image_drop: list[float]) -> None:
-    """Accuracy vs image-drop rate, one line per strategy that finished."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        if row.get("status") == "ok":
-            ax.plot(image_drop, [100 * row.get(f"acc_drop_{r:g}", math.nan) for r in image_drop], marker="o",
-                    label=row["strategy"])
-    ax.set_xlabel("image-drop rate at evaluation")
-    ax.set_ylabel("VQA accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_xticks(image_drop)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Fusion strategies with missing images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def bench_fusion(
-    config: str, strategies: list[str], image_drop: list[float], out: str | Path, steps: int | None = None,
-    overrides: list[str] = (), data: str | None = None, image_root: str | None = None,
-    max_new_tokens: int = 24, batch_size: int = 32,
-) -> list[dict[str, Any]]:
-    """Run every strategy in its own process, one after another; returns the result rows."""
-    from ..config import load_config
-
+def merge_results(sources: list[str | Path], out: str | Path) -> list[dict[str, Any]]:
+    """Rewrite the results of several bench folders (e.g. the same grid run for different seeds) as one."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_config(config, list(overrides))
-    data = data or default_test_file(base)
-    image_drop = [float(r) for r in image_drop]
-    if not image_drop or any(not 0 <= r <= 1 for r in image_drop):
-        raise ValueError(f"--image-drop rates must be in [0, 1], got {image_drop}.")
-    header = (f"Fusion benchmark: config `{config}`, {steps or base.train.max_steps} steps, batch "
-              f"{base.train.batch_size}, seed {base.train.seed}, test data `{data}`; overrides: "
-              f"{' '.join(overrides) or 'none'}.")
-    rows: list[dict[str, Any]] = []
-    for strategy in (progress := progress_bar(strategies, desc="bench fusion", unit="strategy", every=1)):
-        progress.set_postfix(strategy=strategy)
-        run_dir = out / strategy
-        run_dir.mkdir(parents=True, exist_ok=True)
-        job = {"strategy": strategy, "config": config, "out": str(run_dir), "steps": steps,
-               "overrides": list(overrides), "data": data, "image_root": image_root, "image_drop": image_drop,
-               "max_new_tokens": max_new_tokens, "batch_size": batch_size}
-        started = time.perf_counter()
-        with (run_dir / "bench.log").open("w") as log:
-            proc = subprocess.run([sys.executable, "-m", "vlm.bench.fusion", "--job", json.dumps(job)],
-                                  stdout=log, stderr=subprocess.STDOUT)
-        result_file = run_dir / "bench.json"
-        row: dict[str, Any] = {"strategy": strategy}
-        if proc.returncode == 0 and result_file.is_file():
-            row.update(json.loads(result_file.read_text()), status="ok")
-        else:
-            row.update(status="failed", error=_error_of((run_dir / "bench.log").read_text(), proc.returncode))
-            progress.write(f"{strategy}: failed ({row['error']}); log in {run_dir / 'bench.log'}")
-        row["wall_s"] = time.perf_counter() - started
-        rows.append(row)
-        write_results(out, rows, image_drop, header)
+    rows, headers = [], []
+    for source in sources:
+        saved = json.loads((Path(source) / "rows.json").read_text()) if (Path(source) / "rows.json").is_file() \
+            else {"header": "rebuilt from its runs/", "rows": rows_from_runs(Path(source))}
+        rows += saved["rows"]
+        headers.append(f"- `{source}`: {saved['header']}")
+    write_results(out, rows, "Merged from:\n\n" + "\n".join(headers))
+    (out / "rows.json").write_text(json.dumps({"header": "merged", "rows": rows}, indent=1))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: `python -m vlm.bench.fusion --job JSON` runs one strategy, writes bench.json."""
-    import logging
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--job", required=True)
-    job = json.loads(parser.parse_args(argv).job)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    row = run_strategy(job)
-    (Path(job["out"]) / "bench.json").write_text(json.dumps(row, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def rows_from_runs(source: Path) -> list[dict[str, Any]]:
+    """A bench folder's rows rebuilt from its `runs/<job>/bench.json` files (for folders without rows.json)."""
+    rows = []
+    for run in sorted((source / "runs").iterdir(), key=lambda p: p.stat().st_mtime):
+        name, regime, dropout, seed = run.name.split("__")
+        kind = name if name in ("base_lm", "text_only") else "vlm"
+        row: dict[str, Any] = {**asdict(Job(name, kind, name if kind == "vlm" else "projector", regime,
+                                            float(dropout[4:]), int(seed[4:])))}
+        result = run / "bench.json"
+        if result.is_file():
+            row.update(json.loads(result.read_text()), status="ok")
+        else:
+            row.update(status="failed", error=error_of((run / "bench.log").read_text(), 1))
+        rows.append(row)
+    return rows

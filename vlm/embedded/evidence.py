@@ -171,21 +171,26 @@ def _test_records(i: int, rel: str, scene: Scene, rng: random.Random) -> list[di
 
 
 def _train_record(split: str, i: int, rel: str, scene: Scene, rng: random.Random) -> dict:
-    """One multi-turn record like synthetic.py's, plus a note of a random kind (or none)."""
-    turns = [(rng.choice(CAPTION_PROMPTS), caption(scene))] + [(q, a) for _, q, a in questions(scene, rng)]
+    """One multi-turn record like synthetic.py's, plus a note of a random kind (or none). The question a
+    note bears on is asked right after it, in the first turn, as in the test items: a tiny LM learns to
+    read a note next to its question within a benchmark's budget, not one several turns back."""
+    qas = questions(scene, rng)
+    turns = [(rng.choice(CAPTION_PROMPTS), caption(scene))] + [(q, a) for _, q, a in qas]
     kind = rng.choice(TRAIN_NOTE_KINDS)
-    note = None
+    note, first = None, None
     if kind == "place":
         note, q, a = _place_item(rng)
-        turns.append((q, a))
+        first = (q, a)
     elif kind == "attribute":
         attr = rng.choice(NOTE_ATTRIBUTES)
         note = attribute_note(attr, _truth(scene, attr), scene.count)
+        first = next((q, a) for t, q, a in qas if t == attr)
+        turns.remove(first)
     elif kind == "mapping":
         note, q, a = _mapping_item(scene, rng)
-        turns.append((q, a))
+        first = (q, a)
     rng.shuffle(turns)
-    return {"id": f"{split}-{i:05d}", "image": rel, "conversations": _conversation(note, turns)}
+    return {"id": f"{split}-{i:05d}", "image": rel, "conversations": _conversation(note, [first, *turns] if first else turns)}
 
 
 def _write_split(out_dir: Path, split: str, n: int, image_size: int, seed: int) -> list[dict]:
@@ -220,3 +225,25 @@ def make_evidence_dataset(
         paths[split] = out_dir / f"{split}.json"
         paths[split].write_text(json.dumps(samples, indent=1))
     return paths
+
+
+def note_corpus(n: int, seed: int) -> list[str]:
+    """`n` plain-text lines that read a note, for LM pre-training: a real LM arrives able to answer from
+    text in its context, so the tiny one should too (else no strategy can show graceful degradation)."""
+    rng = random.Random(f"note-corpus:{seed}")
+    lines: list[str] = []
+    while len(lines) < n:
+        scene = random_scene(rng)
+        kind = rng.choice(("place", "attribute", "mapping"))
+        if kind == "place":
+            note, q, a = _place_item(rng)
+        elif kind == "attribute":
+            attr = rng.choice(NOTE_ATTRIBUTES)
+            note, a = attribute_note(attr, _truth(scene, attr), scene.count), _truth(scene, attr)
+            q = {t: q for t, q, _ in questions(scene, rng)}[attr]
+        else:
+            note, _, a = _mapping_item(scene, rng)
+            many = scene.count > 1
+            q = f"Where {'do' if many else 'does'} the {scene.colour} object{'s' if many else ''} come from?"
+        lines.append(f"{NOTE_PREFIX}{note} {q} {a}")
+    return lines
