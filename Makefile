@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 PIP := $(PY) -m pip install --quiet -c $(LOCK)
 
-.PHONY: quickstart test test-fast install install-dev lock clean
+.PHONY: quickstart test test-fast bench-fusion install install-dev lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ install-dev: $(VENV)/.installed-dev
 # trains another variant (each strategy's options are its own section, e.g. model.cross_attention.*).
 quickstart: $(VENV)/.installed
 	PY=$(PY) $(if $(RUN),RUN=$(RUN)) bash scripts/quickstart.sh $(ARGS)
+
+# Which fusion to pick (docs/fusion.md): five strategies x training image dropout 0 / 0.3, a text-only
+# and a base-LM baseline, ~27 min on a quiet 2-core CPU. Uses the quickstart's tiny backbones (built
+# when missing). More: `make bench-fusion ARGS="--seeds 3" OUT=artifacts/bench_fusion_3seeds`.
+bench-fusion: $(VENV)/.installed
+	test -f artifacts/quickstart/backbones/lm/config.json || $(PY) scripts/make_tiny_backbones.py --out artifacts/quickstart/backbones
+	$(PY) -m vlm.cli bench fusion --config configs/quickstart.yaml --out $(or $(OUT),artifacts/bench_fusion) $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

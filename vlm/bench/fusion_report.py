@@ -59,7 +59,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], header: str, total_s: f
         writer.writeheader()
         writer.writerows(flat)
     groups = average_seeds(flat)
-    lines = [header, "", f"Wall time so far: {total_s / 60:.1f} min for {len(rows)} jobs.", ""]
+    lines = [header, ""] + ([f"Wall time so far: {total_s / 60:.1f} min for {len(rows)} jobs.", ""]
+                            if not math.isnan(total_s) else [])
     lines += markdown_tables(groups)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     ok = [g for g in groups if g["status"] == "ok"]
@@ -169,9 +170,9 @@ def _save(fig: Any, axes: Any, path: Path, legend_size: int) -> None:
     """Shared y axis (accuracy in %), the legend in the last panel, written and closed."""
     axes[0].set_ylabel("VQA accuracy (%)")
     axes[0].set_ylim(0, 100)
-    axes[-1].legend(fontsize=legend_size, loc="lower left")
+    axes[-1].legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
 
 
@@ -180,13 +181,12 @@ def plot_corruption(path: Path, groups: list[dict[str, Any]]) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     floor = [_value(g, "no_image:all") for g in groups if g["kind"] == "text_only"]
+    colours = plt.get_cmap("tab20").colors
     for ax, kind in zip(axes, ("noise", "blur", "occlusion")):
-        for g in groups:
-            if g["kind"] != "vlm":
-                continue
+        for i, g in enumerate(g for g in groups if g["kind"] == "vlm"):
             ys = [100 * _value(g, "clean:all"), *(100 * _value(g, f"{kind}{s}:all") for s in (1, 2, 3)),
                   100 * _value(g, "no_image:all")]
-            ax.plot(range(5), ys, marker="o", linestyle="-" if g["dropout"] == 0 else "--",
+            ax.plot(range(5), ys, marker="o", linestyle="-" if g["dropout"] == 0 else "--", color=colours[i % 20],
                     label=f"{g['name']} ({g['regime']}, dropout {g['dropout']:g})")
         if floor:
             ax.axhline(100 * floor[0], color="black", linewidth=1, linestyle=":", label="text-only floor")
@@ -205,10 +205,11 @@ def plot_evidence(path: Path, groups: list[dict[str, Any]]) -> None:
               ("clean", [f"type_{t}" for t in types], "question type, image and note present")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     width = 0.8 / max(len(groups), 1)
+    colours = plt.get_cmap("tab20").colors
     for ax, (condition, keys, title) in zip(axes, panels):
         for i, g in enumerate(groups):
             ax.bar([x + i * width for x in range(len(keys))], [100 * _value(g, f"{condition}:{k}") for k in keys],
-                   width, label=" ".join(_label(g)))
+                   width, label=" ".join(_label(g)), color=colours[i % 20])
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], [k.replace("type_", "") for k in keys],
                       rotation=20)
         ax.set_title(title)
