@@ -225,25 +225,3 @@ def make_evidence_dataset(
         paths[split] = out_dir / f"{split}.json"
         paths[split].write_text(json.dumps(samples, indent=1))
     return paths
-
-
-def note_corpus(n: int, seed: int) -> list[str]:
-    """`n` plain-text lines that read a note, for LM pre-training: a real LM arrives able to answer from
-    text in its context, so the tiny one should too (else no strategy can show graceful degradation)."""
-    rng = random.Random(f"note-corpus:{seed}")
-    lines: list[str] = []
-    while len(lines) < n:
-        scene = random_scene(rng)
-        kind = rng.choice(("place", "attribute", "mapping"))
-        if kind == "place":
-            note, q, a = _place_item(rng)
-        elif kind == "attribute":
-            attr = rng.choice(NOTE_ATTRIBUTES)
-            note, a = attribute_note(attr, _truth(scene, attr), scene.count), _truth(scene, attr)
-            q = {t: q for t, q, _ in questions(scene, rng)}[attr]
-        else:
-            note, _, a = _mapping_item(scene, rng)
-            many = scene.count > 1
-            q = f"Where {'do' if many else 'does'} the {scene.colour} object{'s' if many else ''} come from?"
-        lines.append(f"{NOTE_PREFIX}{note} {q} {a}")
-    return lines
