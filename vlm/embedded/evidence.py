@@ -17,7 +17,6 @@ Images and image questions come from `synthetic.py`, unchanged.
 from __future__ import annotations
 
 import copy
-import json
 import random
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from .synthetic import (
     questions,
     random_scene,
     render_scene,
+    write_splits,
 )
 
 NOTE_PREFIX = "Note: "
@@ -217,11 +217,5 @@ def make_evidence_dataset(
     seed: int = 0,
 ) -> dict[str, Path]:
     """Render images and write train/eval JSON (multi-turn, with notes) and per-question test JSON."""
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for split, n in (("train", n_train), ("eval", n_eval), ("test", n_test)):
-        samples = _write_split(out_dir, split, n, image_size, seed)
-        paths[split] = out_dir / f"{split}.json"
-        paths[split].write_text(json.dumps(samples, indent=1))
-    return paths
+    return write_splits(out_dir, {"train": n_train, "eval": n_eval, "test": n_test},
+                        lambda out, split, n: _write_split(out, split, n, image_size, seed))

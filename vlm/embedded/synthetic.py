@@ -13,6 +13,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageDraw
 
@@ -245,11 +246,20 @@ def make_synthetic_dataset(
     seed: int = 0,
 ) -> dict[str, Path]:
     """Render images and write LLaVA-style train/eval JSON and per-question test JSON."""
+    return write_splits(out_dir, {"train": n_train, "eval": n_eval, "test": n_test},
+                        lambda out, split, n: _write_split(out, split, n, image_size, seed))
+
+
+def write_splits(
+    out_dir: str | Path, sizes: dict[str, int], write_split: Callable[[Path, str, int], list[dict]]
+) -> dict[str, Path]:
+    """`out_dir/images/` and one `<split>.json` per split, from `write_split(out_dir, split, n)` (which
+    renders that split's images and returns its records); shared by the synthetic variants."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for split, n in (("train", n_train), ("eval", n_eval), ("test", n_test)):
-        samples = _write_split(out_dir, split, n, image_size, seed)
+    for split, n in sizes.items():
+        samples = write_split(out_dir, split, n)
         paths[split] = out_dir / f"{split}.json"
         paths[split].write_text(json.dumps(samples, indent=1))
     return paths
