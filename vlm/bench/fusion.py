@@ -207,28 +207,9 @@ def merge_results(sources: list[str | Path], out: str | Path) -> list[dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     rows, headers = [], []
     for source in sources:
-        saved = json.loads((Path(source) / "rows.json").read_text()) if (Path(source) / "rows.json").is_file() \
-            else {"header": "rebuilt from its runs/", "rows": rows_from_runs(Path(source))}
+        saved = json.loads((Path(source) / "rows.json").read_text())
         rows += saved["rows"]
         headers.append(f"- `{source}`: {saved['header']}")
     write_results(out, rows, "Merged from:\n\n" + "\n".join(headers))
     (out / "rows.json").write_text(json.dumps({"header": "merged", "rows": rows}, indent=1))
-    return rows
-
-
-
-def rows_from_runs(source: Path) -> list[dict[str, Any]]:
-    """A bench folder's rows rebuilt from its `runs/<job>/bench.json` files (for folders without rows.json)."""
-    rows = []
-    for run in sorted((source / "runs").iterdir(), key=lambda p: p.stat().st_mtime):
-        name, regime, dropout, seed = run.name.split("__")
-        kind = name if name in ("base_lm", "text_only") else "vlm"
-        row: dict[str, Any] = {**asdict(Job(name, kind, name if kind == "vlm" else "projector", regime,
-                                            float(dropout[4:]), int(seed[4:])))}
-        result = run / "bench.json"
-        if result.is_file():
-            row.update(json.loads(result.read_text()), status="ok")
-        else:
-            row.update(status="failed", error=error_of((run / "bench.log").read_text(), 1))
-        rows.append(row)
     return rows

@@ -62,7 +62,6 @@ def evaluate(model: Any, processor: Any, job: dict[str, Any], conditions: list[s
         predict(model, processor, spec["file"], preds, None, job["max_new_tokens"], job["eval_batch_size"],
                 image_drop=1.0 if blind else spec["image_drop"], seed=job["seed"])
         scores[name] = score(preds, json.loads(Path(spec["file"]).read_text()))
-    model.train(False)
     return {"scores": scores, "eval_s": time.perf_counter() - started}
 
 
