@@ -172,6 +172,12 @@ class LoraConfig:
     """Module names (or name suffixes) to adapt; default every linear layer of the LM except lm_head."""
     quantize: Optional[Literal["4bit"]] = None
     """`4bit`: QLoRA, the frozen LM in NF4 through bitsandbytes (needs CUDA)."""
+    train_new_tokens: bool = True
+    """Train the rows of the tokens the project brings (image token; ChatML's when it supplies the chat
+    template) in the input embedding and, when untied, the output head; every other row stays frozen.
+    Without it a base LM can never learn to emit `<|im_end|>` under LoRA (docs/lora.md)."""
+    trainable_tokens: list[str] = field(default_factory=list)
+    """More tokens whose rows train the same way, e.g. special tokens your own chat template uses."""
 
 
 @dataclass

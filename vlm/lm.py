@@ -81,10 +81,27 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str) -> s
     return end_of_turn
 
 
+def new_token_ids(tokenizer: PreTrainedTokenizerBase, image_token: str) -> list[int]:
+    """Ids of the tokens this project brings to the LM: the image token, and ChatML's when the
+    project supplied the chat template. A base LM was never trained on them, even when its
+    vocabulary lists them (the tiny quickstart LM's does): their rows must train for the model to
+    read a turn boundary and, above all, to emit `<|im_end|>` and stop (docs/lora.md)."""
+    tokens = [image_token]
+    if tokenizer.chat_template == chat_template(image_token):
+        tokens += CHATML_TOKENS
+    return sorted({tokenizer.convert_tokens_to_ids(t) for t in tokens})
+
+
 def fit_lm_to_tokenizer(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None) -> None:
-    """Grow the embeddings for added tokens and make generation stop at the end of a turn."""
+    """Grow the embeddings for added tokens and make generation stop at the end of a turn.
+
+    Appended rows start at the mean of the existing rows (transformers' `mean_resizing`: the mean
+    plus noise of 1e-9 times the rows' covariance), in the input embedding and, when untied, the
+    output head. A random row has a logit unrelated to anything the LM learnt, and under LoRA it
+    would stay that way; the mean row predicts an average logit and reads as an average token.
+    """
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if end_of_turn is not None:
         eos = lm.generation_config.eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

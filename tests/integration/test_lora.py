@@ -46,7 +46,7 @@ def test_lora_lowers_loss_and_only_adapters_and_fusion_change(model_config, synt
         losses.append(float(loss))
     assert losses[-1] < losses[0] * 0.9
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all("lora_" in k or k.startswith("fusion.") for k in changed)
+    assert changed and all("lora_" in k or "trainable_tokens_delta" in k or k.startswith("fusion.") for k in changed)
     assert any(k.startswith("fusion.") for k in changed) and any("lora_B" in k for k in changed)
     lm_linear = [k for k in before if k.startswith("lm.") and "lora_" not in k and k.endswith("base_layer.weight")]
     assert lm_linear and not changed & set(lm_linear)  # the LM's own weights stay put

@@ -25,6 +25,7 @@ from torch import nn
 from ..atomic import atomic_directory
 from ..config import LoraConfig, config_to_dict, saved_model_config
 from ..constants import ADAPTER_META
+from ..lm import new_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,43 @@ def default_targets(model: nn.Module) -> list[str]:
     ]
 
 
-def apply_lora(model: nn.Module, lora: LoraConfig) -> None:
-    """Wrap `model.lm` in a peft model with LoRA adapters; its own weights are frozen.
+def trainable_token_indices(model: nn.Module, lora: LoraConfig) -> dict[str, list[int]] | None:
+    """peft's `trainable_token_indices`: the rows that train in the LM's input embedding and, when
+    untied, its output head (a tied head follows the embedding: peft ties the two wrappers).
+
+    The tokens the project brought (`vlm.lm.new_token_ids`) when `lora.train_new_tokens`, plus
+    `lora.trainable_tokens`; None when there are none.
+    """
+    tokenizer = model.tokenizer
+    ids = set(new_token_ids(tokenizer, model.config.image_token)) if lora.train_new_tokens else set()
+    for token in lora.trainable_tokens:
+        if token not in tokenizer.get_vocab():
+            raise ValueError(
+                f"train.lora.trainable_tokens names '{token}', which is not one token of this LM's vocabulary; "
+                "list single tokens (e.g. the special tokens of your chat template)."
+            )
+        ids.add(tokenizer.convert_tokens_to_ids(token))
+    if not ids:
+        return None
+    logger.info("LoRA: the rows of %s train; the rest of the vocabulary stays frozen.",
+                ", ".join(tokenizer.convert_ids_to_tokens(sorted(ids))))
+    names = {id(module): name for name, module in model.lm.named_modules()}
+    rows = sorted(ids)
+    layers = {names[id(model.lm.get_input_embeddings())]: rows}
+    head = model.lm.get_output_embeddings()
+    if head is not None and head.weight is not model.lm.get_input_embeddings().weight:
+        layers[names[id(head)]] = rows
+    return layers
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, quantize_weights: bool = True) -> None:
+    """Wrap `model.lm` in a peft model with LoRA adapters; its own weights are frozen, except the
+    rows of `trainable_token_indices` (new tokens), which train as peft's trainable-token deltas.
 
     `lora.target_modules`: names or name suffixes inside the LM (peft's matching); the vision
     tower is never adapted (train it with `train.freeze.vision: false` instead).
+    quantize_weights=False runs QLoRA's whole path except the NF4 swap itself, which needs CUDA
+    (how its tests run on CPU).
     """
     if isinstance(model.lm, PeftModel):
         raise ValueError("The LM already carries LoRA adapters; apply_lora must run once per model.")
@@ -58,9 +91,12 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> None:
             "Train the tower itself with train.freeze.vision=false (and train.vision_lr)."
         )
     if lora.quantize == "4bit":
-        quantize_lm_4bit(model, targets)
+        if quantize_weights:
+            quantize_lm_4bit(model, targets)
+        prepare_for_kbit_training(model)
     config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none",
+        trainable_token_indices=trainable_token_indices(model, lora),
     )
     try:
         model.lm = get_peft_model(model.lm, config)
@@ -81,7 +117,6 @@ def quantize_lm_4bit(model: nn.Module, targets: list[str]) -> None:
         raise RuntimeError(
             "train.lora.quantize=4bit needs bitsandbytes: pip install 'vlm[qlora]' (or pip install bitsandbytes)."
         ) from None
-    from peft import prepare_model_for_kbit_training
 
     names = set(targets)
     for name, module in list(model.lm.named_modules()):
@@ -97,6 +132,12 @@ def quantize_lm_4bit(model: nn.Module, targets: list[str]) -> None:
         parent, _, child = name.rpartition(".")
         setattr(model.lm.get_submodule(parent) if parent else model.lm, child, quantized)
     model.lm.cuda()  # bitsandbytes quantises the weights as they move to the GPU
+
+
+def prepare_for_kbit_training(model: nn.Module) -> None:
+    """peft's preparation of a quantised LM: frozen weights, fp32 norms, inputs that carry gradients."""
+    from peft import prepare_model_for_kbit_training
+
     model.lm = prepare_model_for_kbit_training(model.lm, use_gradient_checkpointing=False)
 
 
@@ -120,7 +161,10 @@ def save_adapter(model: nn.Module, directory: str | Path, base: str | None = Non
     if not has_lora(model):
         raise ValueError("save_adapter needs a model with LoRA adapters (train.lora.enabled).")
     with atomic_directory(directory) as tmp:
-        model.lm.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+        # adapter_model.safetensors + adapter_config.json. The added tokens' rows travel as peft's
+        # trainable-token deltas; the rest of the (resized) vocabulary is rebuilt with the base,
+        # so peft need not copy whole embedding matrices into every adapter.
+        model.lm.save_pretrained(tmp, save_embedding_layers=False)
         trained = {
             name: tensor.detach().cpu().clone().contiguous()
             for name, tensor in model.state_dict().items()
