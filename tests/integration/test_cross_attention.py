@@ -263,7 +263,7 @@ def test_short_training_run_lowers_the_loss_and_opens_the_gates(backbones, synth
     config = load_config(None, [
         f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.fusion=cross_attention",
         "model.cross_attention.every_n_layers=2", f"data.train_files=[{synthetic['train']}]", "train.stage=align",
-        "train.max_steps=20", "train.batch_size=8", "train.lr=2e-3", "train.report_to=none",
+        "train.max_steps=30", "train.batch_size=8", "train.lr=2e-3", "train.report_to=none",
         "train.gradient_checkpointing=true", f"output_dir={tmp_path}",
     ])
     summary = train(config)

@@ -266,14 +266,21 @@ def write_splits(
 
 
 def text_corpus(n: int, seed: int) -> list[str]:
-    """`n` lines of caption and question-answer text, for the tokenizer and LM pre-training."""
+    """`n` lines of caption and question-answer text, for the tokenizer and LM pre-training.
+
+    The answer follows its prompt after a space or at the start of a new line, as words do in a
+    real LM's web text. A byte-level tokenizer splits "red" and " red" into different tokens, and
+    a chat template puts the answer at the start of a line: an LM that only ever saw " red" has
+    never emitted the tokens the fine-tune needs, which a full fine-tune relearns and LoRA, with
+    the vocabulary frozen, cannot (docs/lora.md).
+    """
     rng = random.Random(f"corpus:{seed}")
     lines: list[str] = []
     while len(lines) < n:
         scene = random_scene(rng)
         if rng.random() < 0.3:
-            lines.append(f"{rng.choice(CAPTION_PROMPTS)} {caption(scene)}")
+            prompt, answer = rng.choice(CAPTION_PROMPTS), caption(scene)
         else:
-            _, q, a = rng.choice(questions(scene, rng))
-            lines.append(f"{q} {a}")
+            _, prompt, answer = rng.choice(questions(scene, rng))
+        lines.append(prompt + rng.choice((" ", "\n")) + answer)
     return lines
