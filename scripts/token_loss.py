@@ -1,0 +1,77 @@
+"""Where a trained model's loss sits: end-of-turn targets vs every other answer token.
+
+Teacher-forced over a data file. For each group of supervised target tokens it prints the mean
+cross-entropy, the share of the summed loss, and how often the greedy (argmax) token is the target.
+An LM that cannot emit the end-of-turn token keeps talking after a correct answer: generation then
+fails while the word-level loss looks fine. Used for the LoRA diagnosis in docs/lora.md:
+
+    python scripts/token_loss.py --model RUN/final --data artifacts/quickstart/data/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vlm.constants import ADAPTER_META
+from vlm.data.collator import Collator
+from vlm.data.formats import read_samples
+from vlm.factory import load, processor_for
+from vlm.loss import IGNORE_INDEX
+from vlm.train.lora import load_adapter_folder
+
+
+def token_groups(model_dir: str, data: str, batch_size: int = 32, limit: int | None = None) -> dict:
+    if (Path(model_dir) / ADAPTER_META).is_file():
+
+        model = load_adapter_folder(model_dir)
+        processor = processor_for(model)
+    else:
+        model, processor = load(model_dir)
+    model.eval()
+    tokenizer = model.tokenizer
+    end_ids = set(model.lm.generation_config.eos_token_id or [])
+    end_ids = {end_ids} if isinstance(end_ids, int) else end_ids
+    samples = read_samples(data)[0][:limit]
+    collate = Collator(tokenizer.pad_token_id)
+    stats = {name: {"loss": 0.0, "n": 0, "argmax_ok": 0} for name in ("end_of_turn", "other")}
+    for start in range(0, len(samples), batch_size):
+        batch = collate([processor(s) for s in samples[start:start + batch_size]])
+        with torch.no_grad():
+            out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, full_logits=True)
+        logits = out.logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        losses = F.cross_entropy(logits[keep], targets[keep], reduction="none")
+        argmax_ok = logits[keep].argmax(-1) == targets[keep]
+        is_end = torch.tensor([int(t) in end_ids for t in targets[keep]])
+        for name, mask in (("end_of_turn", is_end), ("other", ~is_end)):
+            stats[name]["loss"] += float(losses[mask].sum())
+            stats[name]["n"] += int(mask.sum())
+            stats[name]["argmax_ok"] += int(argmax_ok[mask].sum())
+    total = sum(s["loss"] for s in stats.values())
+    return {
+        name: {
+            "tokens": s["n"], "mean_loss": s["loss"] / max(s["n"], 1),
+            "share_of_loss": s["loss"] / total if total else 0.0, "argmax_accuracy": s["argmax_ok"] / max(s["n"], 1),
+        }
+        for name, s in stats.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a saved VLM folder or a LoRA adapter folder")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--limit", type=int, default=None, help="first N samples only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(json.dumps(token_groups(args.model, args.data, limit=args.limit), indent=2))
+
+
+if __name__ == "__main__":
+    main()
