@@ -172,7 +172,7 @@ def test_adapter_and_merged_folders_keep_the_trained_rows(backbones, lm_path, im
     data = end_of_turn_batch(model, image)
     train_steps(model, train, data, steps=3)
     delta = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
-    assert delta and all(float(p.abs().max()) > 0 for p in delta)
+    assert delta and all(float(p.detach().abs().max()) > 0 for p in delta)
     inputs = {k: v for k, v in data.items() if k != "labels"}
     with torch.no_grad():
         expected = model(**inputs, full_logits=True).logits
