@@ -1,7 +1,8 @@
 """Where a trained model's loss sits: end-of-turn targets vs every other answer token.
 
 Teacher-forced over a data file. For each group of supervised target tokens it prints the mean
-cross-entropy, the share of the summed loss, and how often the greedy (argmax) token is the target.
+cross-entropy, the share of the summed loss, how often the greedy (argmax) token is the target, and
+how far the top logit stands above the mean logit over the vocabulary (a frozen output head caps it).
 An LM that cannot emit the end-of-turn token keeps talking after a correct answer: generation then
 fails while the word-level loss looks fine. Used for the LoRA diagnosis in docs/lora.md:
 
@@ -38,7 +39,7 @@ def token_groups(model_dir: str, data: str, batch_size: int = 32, limit: int | N
     end_ids = {end_ids} if isinstance(end_ids, int) else end_ids
     samples = read_samples(data)[0][:limit]
     collate = Collator(tokenizer.pad_token_id)
-    stats = {name: {"loss": 0.0, "n": 0, "argmax_ok": 0} for name in ("end_of_turn", "other")}
+    stats = {name: {"loss": 0.0, "n": 0, "argmax_ok": 0, "margin": 0.0} for name in ("end_of_turn", "other")}
     for start in range(0, len(samples), batch_size):
         batch = collate([processor(s) for s in samples[start:start + batch_size]])
         with torch.no_grad():
@@ -48,16 +49,19 @@ def token_groups(model_dir: str, data: str, batch_size: int = 32, limit: int | N
         keep = targets != IGNORE_INDEX
         losses = F.cross_entropy(logits[keep], targets[keep], reduction="none")
         argmax_ok = logits[keep].argmax(-1) == targets[keep]
+        margin = logits[keep].amax(-1) - logits[keep].mean(-1)  # how far the top logit stands out
         is_end = torch.tensor([int(t) in end_ids for t in targets[keep]])
         for name, mask in (("end_of_turn", is_end), ("other", ~is_end)):
             stats[name]["loss"] += float(losses[mask].sum())
             stats[name]["n"] += int(mask.sum())
             stats[name]["argmax_ok"] += int(argmax_ok[mask].sum())
+            stats[name]["margin"] += float(margin[mask].sum())
     total = sum(s["loss"] for s in stats.values())
     return {
         name: {
             "tokens": s["n"], "mean_loss": s["loss"] / max(s["n"], 1),
             "share_of_loss": s["loss"] / total if total else 0.0, "argmax_accuracy": s["argmax_ok"] / max(s["n"], 1),
+            "top_logit_above_mean": s["margin"] / max(s["n"], 1),
         }
         for name, s in stats.items()
     }
