@@ -28,15 +28,14 @@ from vlm.train.lora import load_adapter_folder
 
 def token_groups(model_dir: str, data: str, batch_size: int = 32, limit: int | None = None) -> dict:
     if (Path(model_dir) / ADAPTER_META).is_file():
-
         model = load_adapter_folder(model_dir)
         processor = processor_for(model)
     else:
         model, processor = load(model_dir)
     model.eval()
     tokenizer = model.tokenizer
-    end_ids = set(model.lm.generation_config.eos_token_id or [])
-    end_ids = {end_ids} if isinstance(end_ids, int) else end_ids
+    eos = model.lm.generation_config.eos_token_id  # the end-of-turn token is one of these
+    end_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
     samples = read_samples(data)[0][:limit]
     collate = Collator(tokenizer.pad_token_id)
     stats = {name: {"loss": 0.0, "n": 0, "argmax_ok": 0, "margin": 0.0} for name in ("end_of_turn", "other")}
@@ -50,7 +49,7 @@ def token_groups(model_dir: str, data: str, batch_size: int = 32, limit: int | N
         losses = F.cross_entropy(logits[keep], targets[keep], reduction="none")
         argmax_ok = logits[keep].argmax(-1) == targets[keep]
         margin = logits[keep].amax(-1) - logits[keep].mean(-1)  # how far the top logit stands out
-        is_end = torch.tensor([int(t) in end_ids for t in targets[keep]])
+        is_end = torch.isin(targets[keep], end_ids)
         for name, mask in (("end_of_turn", is_end), ("other", ~is_end)):
             stats[name]["loss"] += float(losses[mask].sum())
             stats[name]["n"] += int(mask.sum())

@@ -83,8 +83,8 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str) -> s
 
 def new_token_ids(tokenizer: PreTrainedTokenizerBase, image_token: str) -> list[int]:
     """Ids of the tokens this project brings to the LM: the image token, and ChatML's when the
-    project supplied the chat template. A base LM was never trained on them, even when its
-    vocabulary lists them (the tiny quickstart LM's does): their rows must train for the model to
+    project supplied the chat template. A base LM has usually never been trained on them, even when
+    its vocabulary lists them (the tiny quickstart LM's does): their rows must train for the model to
     read a turn boundary and, above all, to emit `<|im_end|>` and stop (docs/lora.md)."""
     tokens = [image_token]
     if tokenizer.chat_template == chat_template(image_token):
