@@ -3,6 +3,7 @@ vocabulary; those rows survive every way of saving; QLoRA's path does the same o
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlm.config import Config, LoraConfig, ModelConfig, TrainConfig
@@ -177,6 +178,9 @@ def test_adapter_and_merged_folders_keep_the_trained_rows(backbones, lm_path, im
     with torch.no_grad():
         expected = model(**inputs, full_logits=True).logits
     save_adapter(model, tmp_path / "adapter")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
+    assert any("trainable_tokens_delta" in k for k in keys)  # the rows travel in the adapter ...
+    assert not any("base_layer" in k and ("embed_tokens" in k or "lm_head" in k) for k in keys)  # not whole matrices
     save_final(model, tmp_path / "final", merge=True)
     assert not has_lora(model)
     with torch.no_grad():
