@@ -83,6 +83,9 @@ train: {{stage: finetune, max_steps: {STEPS}, lr: 1.0e-3, warmup_steps: 2, repor
     def overrides(name: str, fusion: str, per_rank: int, extra=()) -> list[str]:
         return [*FUSIONS[fusion], f"train.batch_size={per_rank}", f"output_dir={root / name}", *extra]
 
+    # Adapters plus the new tokens' rows; no adapter dropout, whose masks depend on how the batch is split.
+    lora = ["train.lora.enabled=true", "train.lora.r=4", "train.lora.dropout=0"]
+    train(load_config(config, overrides("single-lora", "projector", 2 * PER_RANK, lora)))
     for fusion in FUSIONS:
         train(load_config(config, overrides(f"single-{fusion}", fusion, 2 * PER_RANK)))
         train(load_config(config, overrides(f"single-mixed-{fusion}", fusion, 2, mixed_data)))
@@ -93,6 +96,8 @@ train: {{stage: finetune, max_steps: {STEPS}, lr: 1.0e-3, warmup_steps: 2, repor
         resume_from = root / f"{strategy}-projector" / "checkpoint-10"
         jobs.append(overrides(f"{strategy}-resumed", "projector", PER_RANK,
                               [f"train.strategy={strategy}", f"train.resume_from={resume_from}"]))
+    for strategy in STRATEGIES:
+        jobs.append(overrides(f"{strategy}-lora", "projector", PER_RANK, [f"train.strategy={strategy}", *lora]))
     jobs.append(overrides("zero3_offload-projector", "projector", PER_RANK, [
         "train.strategy=zero3", "train.offload_optimizer=true", "train.offload_params=true"]))
     for strategy in ("fsdp2", "zero3"):
@@ -119,6 +124,13 @@ def test_sharded_loss_matches_single_process(runs, strategy, fusion):
     assert_same_trajectory(history(runs["root"] / f"{strategy}-{fusion}"), expected)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_lora_with_new_token_rows_matches_single_process(runs, strategy):
+    expected = history(runs["root"] / "single-lora")
+    assert expected[-1] < expected[0]
+    assert_same_trajectory(history(runs["root"] / f"{strategy}-lora"), expected)
+
+
 def test_zero3_with_cpu_offload_matches_single_process(runs):
     assert_same_trajectory(history(runs["root"] / "zero3_offload-projector"), history(runs["root"] / "single-projector"))
 
@@ -143,10 +155,11 @@ def test_text_only_rank_next_to_an_image_rank(runs, strategy, fusion, synthetic)
                            history(runs["root"] / f"single-mixed-{fusion}"))
 
 
+@pytest.mark.parametrize("run", ["projector", "lora"])  # lora: final/ holds the merged adapters and rows
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
-def test_final_folder_is_gathered_and_unsharded(runs, strategy, synthetic):
-    single = VLM.from_pretrained(runs["root"] / "single-projector" / "final").eval()
-    sharded = VLM.from_pretrained(runs["root"] / f"{strategy}-projector" / "final").eval()
+def test_final_folder_is_gathered_and_unsharded(runs, strategy, run, synthetic):
+    single = VLM.from_pretrained(runs["root"] / f"single-{run}" / "final").eval()
+    sharded = VLM.from_pretrained(runs["root"] / f"{strategy}-{run}" / "final").eval()
     sample = json.loads(synthetic["train"].read_text())[0]
     from vlm.data.collator import Collator
     from vlm.data.formats import read_samples
