@@ -170,7 +170,11 @@ def test_final_folder_is_gathered_and_unsharded(runs, strategy, run, synthetic):
     with torch.no_grad():
         a, b = single(**inputs).logits, sharded(**inputs).logits
     assert sample["id"] == item["id"]
-    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    # Sharded reductions sum in another order; over 20 Adam steps LoRA amplifies that more than full
+    # training does (up to 2.4e-3 seen, on 13 of 222,200 logits). Dropping the adapters after 20 such steps
+    # moves logits by up to 12.6 (measured on the quickstart LM), so 1e-2 still catches an unmerged final/.
+    tolerance = 1e-2 if run == "lora" else 1e-3
+    torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_matches(runs):
