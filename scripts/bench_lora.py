@@ -16,38 +16,32 @@ import time
 
 import torch
 
-from vlm.config import Config, load_config
+from vlm.config import load_config
 from vlm.data.collator import Collator
 from vlm.data.formats import read_samples
 from vlm.factory import build
 from vlm.train.freezing import apply_stage
 from vlm.train.optim import build_optimizer
 
-VARIANTS = {
-    "full fine-tune": [],
-    "LoRA r16, vocabulary frozen": ["train.lora.enabled=true", "train.lora.train_new_tokens=false"],
-    "LoRA r16, new tokens train": ["train.lora.enabled=true"],
-    "LoRA recipe": None,  # configs/recipes/lora.yaml
+QUICKSTART, RECIPE = "configs/quickstart.yaml", "configs/recipes/lora.yaml"
+VARIANTS = {  # name: (config file, overrides)
+    "full fine-tune": (QUICKSTART, []),
+    "LoRA r16, vocabulary frozen": (QUICKSTART, ["train.lora.enabled=true", "train.lora.train_new_tokens=false"]),
+    "LoRA r16, new tokens train": (QUICKSTART, ["train.lora.enabled=true"]),
+    "LoRA recipe": (RECIPE, []),
 }
-
-
-def variant_config(config_path: str, overrides: list[str] | None) -> Config:
-    if overrides is None:
-        return load_config("configs/recipes/lora.yaml", [])
-    return load_config(config_path, overrides)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
     runs = {}
-    for name, overrides in VARIANTS.items():
-        config = variant_config(args.config, overrides)
+    for name, (config_file, overrides) in VARIANTS.items():
+        config = load_config(config_file, overrides)
         torch.manual_seed(config.train.seed)
         model, processor = build(config.model, config.data)
         apply_stage(model, config.train)

@@ -13,25 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from vlm.constants import ADAPTER_META
 from vlm.data.collator import Collator
 from vlm.data.formats import read_samples
-from vlm.factory import load, processor_for
+from vlm.factory import load
 from vlm.loss import IGNORE_INDEX
-from vlm.train.lora import load_adapter_folder
 
 
 def token_groups(model_dir: str, data: str, batch_size: int = 32, limit: int | None = None) -> dict:
-    if (Path(model_dir) / ADAPTER_META).is_file():
-        model = load_adapter_folder(model_dir)
-        processor = processor_for(model)
-    else:
-        model, processor = load(model_dir)
+    model, processor = load(model_dir)
     model.eval()
     tokenizer = model.tokenizer
     eos = model.lm.generation_config.eos_token_id  # the end-of-turn token is one of these
@@ -68,7 +60,7 @@ def token_groups(model_dir: str, data: str, batch_size: int = 32, limit: int | N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a saved VLM folder or a LoRA adapter folder")
+    parser.add_argument("--model", required=True, help="a saved VLM folder (a LoRA run's merged final/)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--limit", type=int, default=None, help="first N samples only")
     args = parser.parse_args()

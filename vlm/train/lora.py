@@ -64,11 +64,10 @@ def trainable_token_indices(model: nn.Module, lora: LoraConfig) -> dict[str, lis
     logger.info("LoRA: the rows of %s train; the rest of the vocabulary stays frozen.",
                 ", ".join(tokenizer.convert_ids_to_tokens(sorted(ids))))
     names = {id(module): name for name, module in model.lm.named_modules()}
-    rows = sorted(ids)
-    layers = {names[id(model.lm.get_input_embeddings())]: rows}
-    head = model.lm.get_output_embeddings()
-    if head is not None and head.weight is not model.lm.get_input_embeddings().weight:
-        layers[names[id(head)]] = rows
+    embed, head = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
+    layers = {names[id(embed)]: sorted(ids)}
+    if head is not None and head.weight is not embed.weight:
+        layers[names[id(head)]] = sorted(ids)
     return layers
 
 
