@@ -25,6 +25,7 @@ from .fusion import Fusion, LMShape, VisionShape, build_fusion
 from .image_slots import is_placeholder
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
 from .loss import causal_lm_loss, logits_positions
+from .packed import PackingAttention, lm_attention_inputs
 
 
 class VLMFolderConfig(PretrainedConfig):
@@ -114,7 +115,8 @@ class VLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, full_logits: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any,
+        num_items_in_batch: torch.Tensor | int | None = None, position_ids: torch.Tensor | None = None,
+        packing_attention: PackingAttention = "auto", **kwargs: Any,
     ) -> Any:
         """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W].
 
@@ -122,9 +124,15 @@ class VLM(nn.Module):
         supervised token; prompts and image slots are most of a sequence): `logits` is then
         [num_supervised, vocab] and the loss is the same. `full_logits=True` keeps [batch, seq, vocab].
         num_items_in_batch: the global batch's supervised tokens (see `vlm.loss.causal_lm_loss`).
+        position_ids [batch, seq]: a packed batch (vlm/data/packing.py), positions restarting at each
+        sample; attention then keeps samples apart (`packing_attention`, see `vlm.packed.lm_attention_inputs`).
         """
         image_mask = input_ids == self.image_token_id
         embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask)
+        if position_ids is not None:
+            packed = lm_attention_inputs(self.lm.config, position_ids, embeds.dtype, packing_attention)
+            attention_mask = packed.pop("attention_mask")
+            kwargs.update(packed)
         kept = None
         if labels is not None and not full_logits and self._logits_at_labels and "logits_to_keep" not in kwargs:
             kept = kwargs["logits_to_keep"] = logits_positions(labels)

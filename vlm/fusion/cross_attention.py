@@ -207,10 +207,12 @@ class CrossAttentionFusion(Fusion):
         return [*super().forward_methods(), *((block, "key_values") for block in self.blocks.values())]
 
     def visual_state(
-        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None, precompute: bool = False
+        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None, precompute: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> VisualState | None:
         """image_features [num_images, patches, vision_dim] (samples in order); image_mask [batch, seq]
-        True at each image's marker token. None when the batch has no images."""
+        True at each image's marker token; position_ids [batch, seq] of a packed batch, so a sample never
+        sees an earlier sample's image in its row (vlm/packed.py). None when the batch has no images."""
         if image_features is None or image_features.shape[0] == 0:
             return None
         if image_mask is None:
@@ -225,7 +227,7 @@ class CrossAttentionFusion(Fusion):
         index = image_offsets(counts).unsqueeze(1) + slots  # [batch, max_images] into the image list
         valid = (slots < counts.unsqueeze(1)).view(-1, max_images, 1, 1)
         per_sample = torch.where(valid, visual[index.clamp(max=n - 1)], 0.0)  # [batch, max_images, tokens, dim]
-        token_slot = slot_in_sample(image_mask)
+        token_slot = slot_in_sample(image_mask, position_ids)
         return VisualState(
             self.blocks, per_sample.reshape(-1, max_images * tokens, dim), tokens, token_slot, counts - 1, precompute
         )
@@ -253,7 +255,7 @@ class CrossAttentionFusion(Fusion):
     ) -> Any:
         """As the base, with the visual state passed down to the wrapped layers as a forward keyword."""
         inputs_embeds = self._with_marker_embedding(inputs_embeds, image_mask)
-        state = self.visual_state(image_features, image_mask)
+        state = self.visual_state(image_features, image_mask, position_ids=kwargs.get("position_ids"))
         if state is not None:
             state.past_length = past_length_of_call({**kwargs, "inputs_embeds": inputs_embeds,
                                                      "attention_mask": attention_mask})

@@ -75,10 +75,12 @@ class LateFusion(Fusion):
         return F.log_softmax(self.head(F.gelu(self.hidden(pooled))).float(), dim=-1).unsqueeze(1)
 
     def _image_of_position(
-        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None
+        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per position, the vision log-probs of the most recent image: ([batch, seq, vocab] log-probs,
-        [batch, seq] has-an-image); None when the batch has no images."""
+        """Per position, the vision log-probs of its sample's most recent image: ([batch, seq, vocab]
+        log-probs, [batch, seq] has-an-image); None when the batch has no images. position_ids: a packed
+        batch's (vlm/packed.py)."""
         if image_features is None or image_features.shape[0] == 0:
             return None
         if image_mask is None:
@@ -91,7 +93,7 @@ class LateFusion(Fusion):
             return vision_logp.expand(*image_mask.shape, -1), torch.zeros_like(image_mask)
         check_markers(image_mask, n)
         vision_logp = self.embed_images(image_features)[:, 0]  # [n, vocab]
-        index = image_index(image_mask)  # [batch, seq]; -1 before the sample's first image
+        index = image_index(image_mask, position_ids)  # [batch, seq]; -1 before the sample's first image
         return vision_logp[index.clamp(min=0)], index >= 0
 
     def mix(
@@ -116,7 +118,7 @@ class LateFusion(Fusion):
     ) -> Any:
         """The LM's own call when the batch has no image; otherwise its logits mixed with the vision
         head's (at the `logits_to_keep` positions only, when given), with the LM's own as `aux_logits`."""
-        vision = self._image_of_position(image_features, image_mask)
+        vision = self._image_of_position(image_features, image_mask, kwargs.get("position_ids"))
         if vision is None:
             return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         kwargs["output_hidden_states"] = True
