@@ -130,6 +130,14 @@ class DataConfig:
     """Cut an over-long sample's text after its last image token instead of skipping it."""
     group_by_length: bool = False
     """Batch samples of similar length together (less padding); deterministic per seed and epoch."""
+    group_by_modality_length: bool = False
+    """As group_by_length, and keep samples with images and text-only samples in separate batches (LLaVA's
+    `group_by_modality_length`): a text-only batch then skips the vision tower (bar the placeholder)."""
+    packing: bool = False
+    """Place each step's `train.batch_size` samples into as few rows of up to `data.max_length` tokens as
+    first-fit-decreasing finds; attention and positions stay per sample (docs/data.md#packing)."""
+    packing_max_images: Optional[int] = None
+    """With packing: at most this many images in one row (null: no limit beyond data.max_length)."""
     caption_prompt: str = "<image>\nDescribe the image briefly."
     """User turn for captioning tables (`image`, `caption`); the caption is the answer."""
     vqa_prompt: str = "<image>\n{question}"
@@ -144,6 +152,8 @@ class DataConfig:
     """Where the feature cache lives (default: `output_dir/feature_cache`); safe to share between runs."""
 
     def __post_init__(self) -> None:
+        if self.packing_max_images is not None and self.packing_max_images < 1:
+            raise ConfigError(f"data.packing_max_images must be >= 1 or null, got {self.packing_max_images}.")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ConfigError(f"data.max_image_pixels must be a positive pixel count or null, got {self.max_image_pixels}.")
 
