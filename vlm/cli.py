@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -73,8 +74,12 @@ def _data_check(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         processor = build_processor(config.model, config.data)
         image_root, data = image_root or config.data.image_root, config.data
-    report = check_data(args.files, processor, image_root, data)
+    started = time.perf_counter()
+    report = check_data(args.files, processor, image_root, data, workers=args.workers)
+    seconds = time.perf_counter() - started
     print(report.render())
+    print(f"checked {report.samples} samples in {seconds:.1f}s ({report.samples / max(seconds, 1e-9):.0f} samples/s, "
+          f"{args.workers} worker(s))")
     return 1 if report.failed else 0
 
 
@@ -191,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", help="data files or dataset folders (any format training reads)")
     check.add_argument("--config", help="training config: adds chat-template tokenisation and length checks")
     check.add_argument("--image-root", default=None, help="folder image paths are relative to")
+    check.add_argument("--workers", type=int, default=1, help="processes that decode and tokenise samples")
     check.set_defaults(run=_data_check)
     return parser
 
