@@ -94,3 +94,18 @@ def test_balanced_bins_use_ffds_count_and_even_rows():
     lengths = [6, 6, 5, 5]
     assert [sum(lengths[i] for i in b) for b in first_fit_decreasing(lengths, [0] * 4, 17)] == [17, 5]
     assert sorted(sum(lengths[i] for i in b) for b in balanced_bins(lengths, [0] * 4, 17)) == [11, 11]
+
+
+def test_long_tail_mix_spans_two_orders_of_magnitude(tmp_path):
+    import json
+
+    from vlm.embedded.long_tail import make_long_tail_dataset
+
+    records = json.loads(make_long_tail_dataset(tmp_path, 300, images=4).read_text())
+    turns = [len(r["conversations"]) // 2 for r in records]
+    words = [len(t["value"].split()) for r in records for t in r["conversations"][1::2]]
+    assert min(turns) == 1 and max(turns) == 6
+    assert min(words) <= 6 and max(words) >= 150 and sorted(words)[len(words) // 2] < 60  # long-tailed
+    text_only = sum("image" not in r for r in records)
+    assert 5 <= text_only <= 40 and all(r["conversations"][0]["value"].startswith("<image>") for r in records
+                                        if "image" in r)
