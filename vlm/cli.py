@@ -133,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
         server = VLMServer(args.model, args.host, args.port, limits, api_key, args.max_batch, args.batch_wait_ms,
                            args.max_new_tokens)
     except OSError as err:
-        print(f"Cannot serve on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        print(f"Cannot serve {args.model} on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"Warning: listening on {args.host} without --api-key: anyone who reaches it can use the model.")
