@@ -12,6 +12,17 @@ from vlm.embedded.synthetic import Scene, caption, render_scene
 
 PROJECTOR = ["model.fusion=projector", "model.projector.type=mlp2x_gelu"]
 """The caption model's fusion overrides (for `train_captioner` in conftest.py)."""
+STRATEGIES = {
+    "projector": PROJECTOR,
+    "resampler": ["model.fusion=resampler", "model.resampler.latents=8"],
+    "early": ["model.fusion=early"],
+    "cross_attention": ["model.fusion=cross_attention", "model.cross_attention.every_n_layers=2"],
+    # The product, as the fusion benchmark runs late fusion: with the default mixture the question-blind
+    # image head and the LM take turns, and 120 steps do not make captions depend on the image (both
+    # images captioned 'a large red circle on the left.'). Decoding runs the same loop for either.
+    "late": ["model.fusion=late", "model.late.combine=product"],
+}
+"""Each fusion's overrides for `train_captioner` (conftest.py), as the generation tests train them."""
 SCENES = [Scene("red", "circle", "large", 1, "left"), Scene("blue", "square", "small", 1, "right"),
           Scene("green", "triangle", "large", 2), Scene("yellow", "diamond", "small", 3),
           Scene("purple", "circle", "small", 1, "top"), Scene("orange", "square", "large", 1, "bottom"),

@@ -17,22 +17,12 @@ import torch
 
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from captions import PROJECTOR, SCENES
+from captions import SCENES, STRATEGIES
 from vlm.embedded.synthetic import caption, render_scene
 from vlm.factory import processor_for
 from vlm.pipeline import Pipeline
 from vlm.model import VLM
 
-STRATEGIES = {
-    "projector": PROJECTOR,
-    "resampler": ["model.fusion=resampler", "model.resampler.latents=8"],
-    "early": ["model.fusion=early"],
-    "cross_attention": ["model.fusion=cross_attention", "model.cross_attention.every_n_layers=2"],
-    # The product, as the fusion benchmark runs late fusion: with the default mixture the question-blind
-    # image head and the LM take turns, and 120 steps do not make captions depend on the image (both
-    # images captioned 'a large red circle on the left.'). Decoding runs the same loop for either.
-    "late": ["model.fusion=late", "model.late.combine=product"],
-}
 PROMPTS = ["<image>\nDescribe the image.", "<image>\nWhat colour is the shape?",
            "<image>\nWhat is in this picture?", "<image>\nHow many objects are there?"]
 

@@ -1,17 +1,16 @@
-"""The batcher on every fusion's decoding path: streamed pieces join to the whole answer, which is the
-model's own `generate_from_batch` answer; `max_tokens` and `stop` end each row on its own. Untrained
-models (their text is arbitrary but deterministic): no training needed to check the plumbing."""
+"""The batcher on the fusions with their own decoding (late: its own loop; cross_attention: visual state
+around lm.generate): streamed pieces join to the whole answer, which is the model's own
+`generate_from_batch` answer; `max_tokens` and `stop` end each row on its own. The caption models the
+generation tests train (one session fixture), so this adds no training to the suite."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
-import torch
 
+from captions import SCENES, STRATEGIES
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.embedded.synthetic import Scene, render_scene
+from vlm.embedded.synthetic import render_scene
 from vlm.factory import processor_for
 from vlm.model import VLM
 from vlm.serve.api import ChatRequest
@@ -20,7 +19,7 @@ from vlm.serve.stream import Job
 
 
 def _sample(i: int) -> Sample:
-    image = render_scene(Scene("red" if i % 2 else "blue", "circle", "large", 1 + i % 3), rng=random.Random(i))
+    image = render_scene(SCENES[i])
     return Sample(f"s{i}", [{"role": "user", "content": "<image>\nDescribe the image."}], [image])
 
 
@@ -36,14 +35,13 @@ def _result(job: Job) -> tuple[str, str, int, str]:
 
 
 @pytest.mark.parametrize("fusion", ["late", "cross_attention"])
-def test_batched_rows_stream_and_end_on_their_own(model_config, fusion):
-    torch.manual_seed(0)
-    model = VLM.from_config(model_config.with_fusion(fusion)).eval()
+def test_batched_rows_stream_and_end_on_their_own(train_captioner, fusion):
+    model = VLM.from_pretrained(train_captioner(STRATEGIES[fusion]) / "final").eval()
     processor = processor_for(model)
     samples = [_sample(i) for i in range(3)]
     batch = Collator(model.tokenizer.pad_token_id, "left")([processor(s, for_generation=True) for s in samples])
     reference = model.generate_from_batch(batch, 12)
-    assert all(reference), reference
+    assert all(len(answer.split()) >= 3 for answer in reference), reference
 
     stop = reference[1].split()[-1][-2:]  # a piece of row 1's last word: it must end that row there
     requests = [ChatRequest(samples[0], max_tokens=12, stream=True), ChatRequest(samples[1], max_tokens=12, stop=[stop]),
