@@ -141,10 +141,12 @@ class LateFusion(Fusion):
     def lm_generate(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
         image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any,
+        max_new_tokens: int = 64, do_sample: bool = False, streamer: Any = None, stopping_criteria: Any = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy decoding with the LM's KV cache from a left-padded prompt -> new tokens [batch, new];
-        each step's logits are mixed as in `lm_forward` (generated tokens see their sample's last image)."""
+        each step's logits are mixed as in `lm_forward` (generated tokens see their sample's last image).
+        `streamer` and `stopping_criteria` act as in `lm.generate` (`vlm serve` streams through them)."""
         if do_sample or kwargs.get("num_beams", 1) != 1:
             raise NotImplementedError("model.fusion='late' generates greedily only (do_sample=False, num_beams=1).")
         vision = self._image_of_position(image_features, image_mask)
@@ -174,9 +176,15 @@ class LateFusion(Fusion):
             token = torch.where(finished, pad, logits[:, 0].argmax(-1))
             new_tokens.append(token)
             finished |= torch.isin(token, eos.to(token.device))
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if stopping_criteria is not None:
+                finished |= stopping_criteria(torch.stack(new_tokens, dim=1), None).to(finished.device)
             if bool(finished.all()):
                 break
             step_inputs = {"input_ids": token.unsqueeze(1)}
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             positions = positions[:, -1:] + 1
+        if streamer is not None:
+            streamer.end()
         return torch.stack(new_tokens, dim=1)
