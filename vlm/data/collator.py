@@ -14,7 +14,8 @@ class Collator:
 
     Output: input_ids / attention_mask / labels [batch, max_len]; pixel_values
     [total_images, 3, H, W] in sample order (None when no sample has an image), or
-    image_features [total_images, patches, dim] from the feature cache; ids; skipped.
+    image_features [total_images, patches, dim] from the feature cache; with tiling (vlm/tiling.py),
+    pixel_values holds every image's views and image_grids [total_images, 2] their grids; ids; skipped.
     `padding_side="left"` for generation, so every prompt ends at the last position.
     """
 
@@ -39,7 +40,7 @@ class Collator:
             labels[row, cols] = item["labels"]
             attention_mask[row, cols] = 1
         batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
-        for key in ("pixel_values", "image_features"):
+        for key in ("pixel_values", "image_features", "image_grids"):
             parts = [item[key] for item in items if item.get(key) is not None]
             batch[key] = torch.cat(parts) if parts else None
         return batch
