@@ -79,7 +79,7 @@ class VLMProcessor:
         return cls(
             load_saved_tokenizer(directory, config), transform, config.image_token, meta["tokens_per_image"],
             max_length, truncate_text, max_image_pixels,
-            saved_max_tiles(meta) if max_tiles is None else max_tiles, _saved_tile_size(meta),
+            saved_max_tiles(meta) if max_tiles is None else max_tiles, _tile_size(meta, transform),
         )
 
     def __call__(self, sample: Sample, for_generation: bool = False, with_pixels: bool = True) -> dict[str, Any]:
@@ -89,7 +89,7 @@ class VLMProcessor:
         generation prompt, for `predict` / `generate`.
         with_pixels=False skips image decoding (the caller supplies cached features).
         With tiling (`max_tiles`), pixel_values holds every image's views [total_views, 3, H, W] and
-        image_grids [num_images, 2] each image's (rows, cols); see `tiled`.
+        image_grids [num_images, 2] each image's (rows, cols) (vlm/tiling.py).
         """
         if self.max_tiles and not with_pixels:
             raise ValueError("data.tiling needs each image's size; it cannot run on cached features.")
@@ -215,8 +215,8 @@ class VLMProcessor:
 
 
 
-
-def _saved_tile_size(meta: dict[str, Any]) -> tuple[int, int] | None:
-    """The tower's input size (H, W) recorded with a folder's tiling, None when it has none."""
-    size = meta.get("tiling", {}).get("tile_size")
-    return None if size is None else (int(size[0]), int(size[1]))
+def _tile_size(meta: dict[str, Any], transform: ImageTransform) -> tuple[int, int]:
+    """The tower's input size (H, W): recorded with a folder's tiling, else what its transform outputs
+    (a folder saved without tiling, tiled from here on by `data.tiling`)."""
+    size = meta.get("tiling", {}).get("tile_size") or transform(Image.new("RGB", (8, 8))).shape[-2:]
+    return int(size[0]), int(size[1])

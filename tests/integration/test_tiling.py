@@ -14,6 +14,7 @@ from vlm.data.check import check_data
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
 from vlm.factory import load, processor_for
+from vlm.hub.export import ExportError, export_llava_hf
 from vlm.model import VLM
 from vlm.processor import VLMProcessor
 from vlm.tiling import image_positions, num_views
@@ -143,9 +144,16 @@ def test_saved_folder_tiles_the_same_way_and_off_is_unchanged(model_config, tmp_
         assert torch.equal(got["pixel_values"], expected["pixel_values"])
         assert torch.equal(got["image_grids"], expected["image_grids"])
 
+    with pytest.raises(ExportError, match="data.tiling.max_tiles=4"):
+        export_llava_hf(model, tmp_path / "llava")
+
     off = _build(model_config, "projector", max_tiles=0)
     off.save_pretrained(tmp_path / "off")
     assert "tiling" not in json.loads((tmp_path / "off" / "config.json").read_text())
+    # A run may tile from an untiled folder (model.init_from): the tile size then comes from its transform.
+    retiled = VLMProcessor.from_pretrained(tmp_path / "off", max_tiles=4)(sample)
+    assert torch.equal(retiled["input_ids"], expected["input_ids"])
+    assert torch.equal(retiled["pixel_values"], expected["pixel_values"])
     for max_tiles in (0, 1):  # one tile is the thumbnail alone: exactly no tiling
         item = processor_for(_build(model_config, "projector", max_tiles))(sample)
         assert set(item) == {"id", "input_ids", "labels", "pixel_values"} and item["pixel_values"].shape[0] == 1
