@@ -2,8 +2,8 @@
 
     python scripts/bench_tiling.py [--steps 300] [--out artifacts/bench_tiling]
 
-Builds the high-resolution synthetic data (256 px images of one small object: its shape is lost when the
-image is shrunk to the tiny tower's 64 px, its colour is not), trains the quickstart recipe twice for the
+Builds the high-resolution synthetic data (256 px images of one small object, a blob of a few pixels once
+the image is shrunk to the tiny tower's 64 px; asked its shape and its colour), trains the quickstart recipe twice for the
 same steps with the project's trainer, without tiling and with `data.tiling.max_tiles=4` (a 2x2 grid plus
 the thumbnail), answers every test question with `vlm.eval.predict` and scores it with `vlm.eval.metrics`.
 Step cost is measured alternately on the two trained models (forward + backward of the same 16 samples,
