@@ -132,7 +132,8 @@ def check_image_positions(
         return
     row = _rows_fit(have, need)
     row = len(have) - 1 if row is None else row
-    who = f"sample '{sample_ids[row]}'" if sample_ids is not None else f"batch row {row}"
+    one_per_row = sample_ids is not None and len(sample_ids) == len(have)  # not so in packed rows
+    who = f"sample '{sample_ids[row]}'" if one_per_row else f"batch row {row}"
     raise ValueError(
         f"{who} has {have[row]} image positions, which its images' tiles do not fill (the batch's images need "
         f"{sum(need)} positions in all, its text has {sum(have)}); the processor and the model disagree on "
