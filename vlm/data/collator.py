@@ -8,8 +8,9 @@ import torch
 
 from ..loss import IGNORE_INDEX
 
-PER_IMAGE_KEYS = ("pixel_values", "image_features")
-"""Item keys holding one entry per image (or tile): concatenated in the order the samples sit in the batch."""
+PER_IMAGE_KEYS = ("pixel_values", "image_features", "image_grids")
+"""Item keys holding one entry per image (pixel_values: per view, with tiling): concatenated in the order
+the samples sit in the batch."""
 
 
 class Collator:
@@ -17,7 +18,8 @@ class Collator:
 
     Output: input_ids / attention_mask / labels [batch, max_len]; pixel_values
     [total_images, 3, H, W] in sample order (None when no sample has an image), or
-    image_features [total_images, patches, dim] from the feature cache; ids; skipped.
+    image_features [total_images, patches, dim] from the feature cache; with tiling (vlm/tiling.py),
+    pixel_values holds every image's views and image_grids [total_images, 2] their grids; ids; skipped.
     `padding_side="left"` for generation, so every prompt ends at the last position.
     """
 

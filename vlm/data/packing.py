@@ -67,7 +67,7 @@ def balanced_bins(
 
 
 def num_images(item: dict[str, Any]) -> int:
-    """Images of a processed item (its per-image tensors' first dimension)."""
+    """Tower inputs of a processed item (its pixel / feature tensors' first dimension; with tiling, its views)."""
     return next((len(item[key]) for key in PER_IMAGE_KEYS if item.get(key) is not None), 0)
 
 

@@ -63,7 +63,7 @@ def micro_batches(
 
 
 def model_inputs(batch: Batch) -> Batch:
-    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_features", "labels")
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_features", "labels", "image_grids")
     return {key: batch[key] for key in keys if batch.get(key) is not None}
 
 
