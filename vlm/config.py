@@ -272,7 +272,8 @@ class TrainConfig:
         if self.eval_max_new_tokens < 1:
             raise ConfigError(f"train.eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}.")
         if self.eval_generate_samples is not None and self.eval_generate_samples < 1:
-            raise ConfigError(f"train.eval_generate_samples must be >= 1 (or null: all), got {self.eval_generate_samples}.")
+            raise ConfigError(f"train.eval_generate_samples must be >= 1 (or null: all), "
+                              f"got {self.eval_generate_samples}.")
         if not self.early_stopping_min_delta >= 0:
             raise ConfigError(f"train.early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}.")
 
