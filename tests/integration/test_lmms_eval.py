@@ -16,13 +16,25 @@ from pathlib import Path
 import pytest
 
 from vlm.cli import main
-from vlm.eval.lmms_task import DATA_ENV, logged_answers, process_results, vqa_docs
 from vlm.eval.lmms_tasks import TASKS_DIR
 from vlm.eval.metrics import vqa_accuracy
 from vlm.eval.predict import evaluate_predictions, read_predictions
 
 LIMIT = 16
 TASK = "vlm_synthetic_vqa"
+DATA_ENV = "VLM_LMMS_DATA"  # vlm.eval.lmms_task.DATA_ENV, which is imported only inside tests (below)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pil_default_restored():
+    """Importing lmms_eval.api.task sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES = True for the whole process;
+    tests later in the session expect PIL's default (a truncated image is an error), so lmms-eval modules are
+    imported inside tests only, and the flag is put back after this module."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def lmms_eval(args: list[str], data: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -40,6 +52,8 @@ def lmms_run(trained_run, synthetic, tmp_path_factory) -> dict:
                       "--tasks", TASK, "--include_path", str(TASKS_DIR), "--limit", str(LIMIT),
                       "--output_path", str(out), "--log_samples"], synthetic["test"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from vlm.eval.lmms_task import logged_answers
+
     results = json.loads(next(out.rglob("*_results.json")).read_text())
     return {"results": results, "answers": logged_answers(out, synthetic["test"])}
 
@@ -74,6 +88,8 @@ def test_lmms_eval_score_equals_vlm_eval_on_the_same_answers(lmms_run, synthetic
 ])
 def test_the_two_scorers_agree_on_answers_that_need_normalising(prediction, references):
     """lmms-eval's EvalAIAnswerProcessor and vlm.eval.metrics are separate implementations of the VQA rules."""
+    from vlm.eval.lmms_task import process_results
+
     doc = {"answers": list(references)}
     assert process_results(doc, [prediction])["vqa_accuracy"] == pytest.approx(vqa_accuracy(prediction, references))
 
@@ -92,7 +108,7 @@ def test_loglikelihood_ranks_the_generated_answer_first(trained_run, synthetic):
     from lmms_eval.api.instance import Instance
 
     from vlm.eval.lmms import VLMLmms
-    from vlm.eval.lmms_task import doc_to_text, doc_to_visual
+    from vlm.eval.lmms_task import doc_to_text, doc_to_visual, vqa_docs
 
     docs = vqa_docs(str(synthetic["test"]))[:3]
     lm = VLMLmms(pretrained=str(trained_run / "final"), batch_size=3, device="cpu")
