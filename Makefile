@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 PIP := $(PY) -m pip install --quiet -c $(LOCK)
 
-.PHONY: quickstart test test-fast bench-fusion install install-dev lock clean
+.PHONY: quickstart test test-fast bench-fusion install install-dev browser lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,15 @@ bench-fusion: $(VENV)/.installed
 	test -f artifacts/quickstart/backbones/lm/config.json || $(PY) scripts/make_tiny_backbones.py --out artifacts/quickstart/backbones
 	$(PY) -m vlm.cli bench fusion --config configs/quickstart.yaml --out $(or $(OUT),artifacts/bench_fusion) $(ARGS)
 
-test: $(VENV)/.installed-dev
+# The browser test of `vlm chat` drives Debian's headless Chromium. Installed once, as root (CI is);
+# elsewhere this says what to install and the browser test fails saying the same, never skips.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; } || \
+	echo "make browser: could not install chromium + chromium-driver (run as root on Debian/Ubuntu, or install them yourself)"
+
+test: $(VENV)/.installed-dev browser
 	$(PY) -m pytest -q
 
 # The unit tests alone (tests/unit: no backbones, no training), under a minute.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -82,6 +83,37 @@ output_dir: {out}
         assert main(["train", str(config), "train.seed=1"]) == 0
     (out / "captured.log").write_text(log.getvalue())
     return out
+def captions_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from captions import write_captions_file
+
+    return write_captions_file(tmp_path_factory.mktemp("gen-data"))
+
+
+@pytest.fixture(scope="session")
+def train_captioner(backbones, captions_file, tmp_path_factory) -> Callable[[list[str]], Path]:
+    """`train(overrides)` -> a run folder trained 120 steps on the eight caption scenes (tests/captions.py),
+    whose final/ answers differ per image; each configuration trains once per session, whoever asks first
+    (the generation tests, every fusion; the `vlm serve` and chat tests, the projector)."""
+    from vlm.config import load_config
+    from vlm.train import train
+
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def trained(overrides: list[str]) -> Path:
+        if tuple(overrides) not in runs:
+            out = tmp_path_factory.mktemp("gen-" + "-".join(o.split("=")[-1] for o in overrides[:1]))
+            config = load_config(None, [
+                f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", *overrides,
+                f"data.train_files=[{captions_file}]", "train.stage=finetune", "train.max_steps=120",
+                "train.batch_size=8", "train.lr=1e-3", "train.fusion_lr=3e-3", "train.warmup_steps=5",
+                "train.report_to=none", "train.seed=0", f"output_dir={out}",
+            ])
+            torch.manual_seed(0)
+            train(config)
+            runs[tuple(overrides)] = out
+        return runs[tuple(overrides)]
+
+    return trained
 
 
 @pytest.fixture(scope="session")

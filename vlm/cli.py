@@ -1,4 +1,4 @@
-"""`vlm train | predict | eval | export | push | data check`: the command-line entry points."""
+"""`vlm train | predict | eval | serve | chat | export | push | data check`: the command-line entry points."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -73,8 +74,12 @@ def _data_check(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         processor = build_processor(config.model, config.data)
         image_root, data = image_root or config.data.image_root, config.data
-    report = check_data(args.files, processor, image_root, data)
+    started = time.perf_counter()
+    report = check_data(args.files, processor, image_root, data, workers=args.workers)
+    seconds = time.perf_counter() - started
     print(report.render())
+    print(f"checked {report.samples} samples in {seconds:.1f}s ({report.samples / max(seconds, 1e-9):.0f} samples/s, "
+          f"{args.workers} worker(s))")
     return 1 if report.failed else 0
 
 
@@ -118,6 +123,59 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serve import Limits, VLMServer
+
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_tokens=args.max_tokens_limit,
+        image_folder=Path(args.allow_images_from) if args.allow_images_from else None,
+    )
+    api_key = args.api_key or os.environ.get("VLM_API_KEY") or None
+    try:
+        server = VLMServer(args.model, args.host, args.port, limits, api_key, args.max_batch, args.batch_wait_ms,
+                           args.max_new_tokens)
+    except OSError as err:
+        print(f"Cannot serve {args.model} on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"Warning: listening on {args.host} without --api-key: anyone who reaches it can use the model.")
+    info = server.describe()
+    print(f"Serving {info['id']} (fusion: {info['fusion']}, vision: {info['vision']}, LM: {info['lm']})", flush=True)
+    if args.command == "chat":
+        print(f"Chat page: {server.url}/", flush=True)
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(f"{server.url}/")
+    print(f"OpenAI-compatible API: {server.url}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a saved VLM folder (e.g. output_dir/final)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; only this machine by default")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' (or set VLM_API_KEY, which stays out of `ps`)")
+    parser.add_argument("--allow-images-from", default=None, metavar="FOLDER",
+                        help="let requests name image files inside FOLDER; by default only data: URLs are read")
+    parser.add_argument("--max-batch", type=int, default=16, help="most requests in one generate call")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="max_tokens of a request that sets none")
+    parser.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask")
+    parser.add_argument("--max-body-bytes", type=int, default=20 * 1024 * 1024)
+    parser.add_argument("--max-image-bytes", type=int, default=10 * 1024 * 1024)
+    parser.add_argument("--max-image-pixels", type=int, default=16_777_216, help="checked before decoding")
+    parser.add_argument("--max-images", type=int, default=8, help="most images in one request")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="drop each image (and its <image> tag) with this probability, to test missing images")
     predict.add_argument("--seed", type=int, default=0, help="seed of the --image-drop draws")
     predict.set_defaults(run=_predict)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible chat-completions server with dynamic batching")
+    _serve_arguments(serve)
+    serve.set_defaults(run=_serve)
+
+    chat = commands.add_parser("chat", help="chat with a model in the browser (images, multi-turn, streaming)")
+    _serve_arguments(chat)
+    chat.add_argument("--open", action="store_true", help="also open the page in this machine's browser")
+    chat.set_defaults(run=_serve)
 
     evaluate = commands.add_parser("eval", help="score predictions: VQA accuracy, BLEU-4, CIDEr-D")
     evaluate.add_argument("--predictions", required=True)
@@ -191,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", help="data files or dataset folders (any format training reads)")
     check.add_argument("--config", help="training config: adds chat-template tokenisation and length checks")
     check.add_argument("--image-root", default=None, help="folder image paths are relative to")
+    check.add_argument("--workers", type=int, default=1, help="processes that decode and tokenise samples")
     check.set_defaults(run=_data_check)
     return parser
 

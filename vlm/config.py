@@ -116,6 +116,17 @@ class DataFile:
 
 
 @dataclass
+class TilingConfig:
+    max_tiles: int = 0
+    """Any-resolution tiling: split each image into up to this many tiles at the tower's input size, plus
+    a thumbnail, on the grid that best fits its aspect ratio and resolution (docs/tiling.md); 0 or 1: off."""
+
+    def __post_init__(self) -> None:
+        if self.max_tiles < 0:
+            raise ConfigError(f"data.tiling.max_tiles must be >= 0 (0: no tiling), got {self.max_tiles}.")
+
+
+@dataclass
 class DataConfig:
     train_files: list[Union[str, DataFile]] = field(default_factory=list)
     """Plain paths, or `{path: ..., weight: ...}` mappings for a weighted mixture."""
@@ -130,6 +141,14 @@ class DataConfig:
     """Cut an over-long sample's text after its last image token instead of skipping it."""
     group_by_length: bool = False
     """Batch samples of similar length together (less padding); deterministic per seed and epoch."""
+    group_by_modality_length: bool = False
+    """As group_by_length, and keep samples with images and text-only samples in separate batches (LLaVA's
+    `group_by_modality_length`): a text-only batch then skips the vision tower (bar the placeholder)."""
+    packing: bool = False
+    """Place each step's `train.batch_size` samples into as few rows of up to `data.max_length` tokens as
+    first-fit-decreasing finds; attention and positions stay per sample (docs/data.md#packing)."""
+    packing_max_images: Optional[int] = None
+    """With packing: at most this many images in one row (with data.tiling: views; null: no limit beyond data.max_length)."""
     caption_prompt: str = "<image>\nDescribe the image briefly."
     """User turn for captioning tables (`image`, `caption`); the caption is the answer."""
     vqa_prompt: str = "<image>\n{question}"
@@ -142,8 +161,15 @@ class DataConfig:
     """Compute the frozen encoder's outputs once, store them on disk, and skip the encoder afterwards."""
     cache_dir: Optional[str] = None
     """Where the feature cache lives (default: `output_dir/feature_cache`); safe to share between runs."""
+    tiling: TilingConfig = field(default_factory=lambda: TilingConfig())
+    """Any-resolution tiling (`data.tiling.max_tiles`); saved with the model, so predict tiles the same way."""
 
     def __post_init__(self) -> None:
+        if self.packing_max_images is not None and self.packing_max_images < 1:
+            raise ConfigError(f"data.packing_max_images must be >= 1 or null, got {self.packing_max_images}.")
+        if self.cache_features and self.tiling.max_tiles > 1:
+            raise ConfigError("data.cache_features caches one view per image, so it cannot serve data.tiling; "
+                              "set data.cache_features=false or data.tiling.max_tiles=0.")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ConfigError(f"data.max_image_pixels must be a positive pixel count or null, got {self.max_image_pixels}.")
 

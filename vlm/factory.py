@@ -31,21 +31,23 @@ def processor_settings(data: DataConfig | None) -> dict[str, Any]:
 
 
 def processor_for(model: VLM, data: DataConfig | None = None) -> VLMProcessor:
-    """The processor that feeds `model`: its tokenizer, its tower's image transform, its fusion's image size."""
+    """The processor that feeds `model`: its tokenizer, its tower's image transform, its fusion's image size,
+    its tiling (`model.max_tiles`)."""
     return VLMProcessor(
         model.tokenizer, model.vision.image_transform(), model.config.image_token, model.fusion.tokens_per_image,
-        **processor_settings(data),
+        **processor_settings(data), max_tiles=model.max_tiles, tile_size=model.vision.image_size,
     )
 
 
 def build(config: ModelConfig, data: DataConfig | None = None) -> tuple[VLM, VLMProcessor]:
-    """Model (pretrained backbones, or a saved VLM under `model.init_from`) and its processor."""
-    model = VLM.from_config(config)
+    """Model (pretrained backbones, or a saved VLM under `model.init_from`) and its processor; `data.tiling`
+    decides the tiling when `data` is given (it is saved with the model), else a saved VLM's own."""
+    model = VLM.from_config(config, None if data is None else data.tiling.max_tiles)
     return model, processor_for(model, data)
 
 
 def load(directory: str | Path, data: DataConfig | None = None) -> tuple[VLM, VLMProcessor]:
-    """A saved VLM folder's model and processor."""
+    """A saved VLM folder's model and processor, tiling as the folder says."""
     model = VLM.from_pretrained(directory)
     return model, processor_for(model, data)
 
@@ -54,8 +56,9 @@ def build_processor(config: ModelConfig, data: DataConfig | None = None) -> VLMP
     """The processor `build` would give, without loading the LM's weights (from a saved folder, no weights
     at all): for `vlm data check --config` and other data tools."""
     source = config.init_from or config.pretrained
+    max_tiles = None if data is None else data.tiling.max_tiles
     if source:
-        return VLMProcessor.from_pretrained(source, **processor_settings(data))
+        return VLMProcessor.from_pretrained(source, **processor_settings(data), max_tiles=max_tiles)
     vision = load_vision_encoder(
         config.vision, config.vision_feature_layer, config.vision_drop_prefix_tokens, config.trust_remote_code
     )
@@ -65,5 +68,6 @@ def build_processor(config: ModelConfig, data: DataConfig | None = None) -> VLMP
     with torch.device("meta"):  # only its tokens_per_image is read: allocate nothing
         fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm_config))
     return VLMProcessor(
-        tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image, **processor_settings(data)
+        tokenizer, vision.image_transform(), config.image_token, fusion.tokens_per_image, **processor_settings(data),
+        max_tiles=max_tiles or 0, tile_size=vision.image_size,
     )

@@ -30,3 +30,8 @@ def load_saved_tokenizer(directory: Path, config: ModelConfig) -> PreTrainedToke
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
     upgrade_chat_template(tokenizer, config.image_token)
     return tokenizer
+
+
+def saved_max_tiles(meta: dict[str, Any]) -> int:
+    """`data.tiling.max_tiles` recorded in a saved folder's config.json (0: no tiling)."""
+    return int(meta.get("tiling", {}).get("max_tiles", 0))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .encoders import VisionEncoder
+from .packed import segment_ids
 
 
 def is_placeholder(num_markers: int, num_images: int) -> bool:
@@ -50,14 +51,25 @@ def image_offsets(counts: torch.Tensor) -> torch.Tensor:
     return counts.cumsum(0) - counts
 
 
-def slot_in_sample(image_mask: torch.Tensor) -> torch.Tensor:
-    """image_mask [batch, seq] (one marker per image) -> [batch, seq]: which of its sample's images each
-    position sees (the most recent at or before it, counted from 0), -1 before its sample's first image."""
-    return image_mask.long().cumsum(1) - 1
+def slot_in_sample(image_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """image_mask [batch, seq] (one marker per image) -> [batch, seq]: which of its row's images each
+    position sees (the most recent at or before it, counted from 0), -1 before its sample's first image.
+
+    position_ids [batch, seq] of a packed batch (vlm/packed.py): a row holds several samples, and a
+    position never sees an image of an earlier sample in its row."""
+    seen = image_mask.long().cumsum(1)  # markers at or before each position, in the row
+    if position_ids is None:
+        return seen - 1
+    seg = segment_ids(position_ids)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    # Markers before the sample's first position (non-decreasing along the row, so cummax carries it on).
+    before = torch.where(starts, seen - image_mask.long(), 0).cummax(1).values
+    return torch.where(seen > before, seen - 1, -1)
 
 
-def image_index(image_mask: torch.Tensor) -> torch.Tensor:
+def image_index(image_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """image_mask [batch, seq] (one marker per image) -> [batch, seq]: the index in the batch's image list
-    of the image each position sees, -1 before its sample's first image."""
-    slot = slot_in_sample(image_mask)
+    of the image each position sees, -1 before its sample's first image (packed rows: as `slot_in_sample`)."""
+    slot = slot_in_sample(image_mask, position_ids)
     return torch.where(slot >= 0, image_offsets(image_mask.sum(1)).unsqueeze(1) + slot, -1)

@@ -20,11 +20,13 @@ from .atomic import atomic_directory
 from .config import ModelConfig, config_to_dict
 from .constants import WEIGHTS_NAME
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
-from .folder import load_saved_tokenizer, read_saved_config
+from .folder import load_saved_tokenizer, read_saved_config, saved_max_tiles
 from .fusion import Fusion, LMShape, VisionShape, build_fusion
 from .image_slots import is_placeholder
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
 from .loss import causal_lm_loss, logits_positions
+from .packed import PackingAttention, lm_attention_inputs
+from .tiling import check_image_positions, views_per_image
 
 
 class VLMFolderConfig(PretrainedConfig):
@@ -41,10 +43,12 @@ class VLM(nn.Module):
 
     def __init__(
         self, config: ModelConfig, vision: VisionEncoder, fusion: Fusion, lm: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase, max_tiles: int = 0,
     ) -> None:
         super().__init__()
         self.config = config
+        self.max_tiles = max_tiles
+        """`data.tiling.max_tiles` it was trained with: saved in config.json, so its processor tiles the same way."""
         self.vision = vision
         self.fusion = fusion
         self.lm = lm
@@ -55,10 +59,11 @@ class VLM(nn.Module):
         self._logits_at_labels = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> "VLM":
-        """Build from pretrained backbones, or from a saved VLM when `model.init_from` (alias `pretrained`) is set."""
+    def from_config(cls, config: ModelConfig, max_tiles: int | None = None) -> "VLM":
+        """Build from pretrained backbones, or from a saved VLM when `model.init_from` (alias `pretrained`) is set.
+        max_tiles: `data.tiling.max_tiles` (None: a saved VLM's own, else 0)."""
         if config.init_from or config.pretrained:
-            return cls.from_pretrained(config.init_from or config.pretrained)
+            return cls.from_pretrained(config.init_from or config.pretrained, max_tiles)
         if not config.vision or not config.lm:
             raise ValueError("Set model.vision and model.lm (or model.pretrained to continue from a saved VLM).")
         vision = load_vision_encoder(
@@ -67,7 +72,7 @@ class VLM(nn.Module):
         lm, tokenizer = load_language_model(config.lm, config.trust_remote_code)
         fit_lm_to_tokenizer(lm, tokenizer, prepare_tokenizer(tokenizer, config.image_token))
         fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm.config))
-        return cls(config, vision, fusion, lm, tokenizer)
+        return cls(config, vision, fusion, lm, tokenizer, max_tiles or 0)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[num_images, 3, H, W] -> what the fusion reads, by default the tower's features
@@ -77,11 +82,14 @@ class VLM(nn.Module):
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
         image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None, sample_ids: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings [batch, seq, lm_dim] with image positions filled by the fusion, in one scatter.
 
         image_features [num_images, patches, vision_dim], when given (feature cache), stand in
-        for running the tower on pixel_values.
+        for running the tower on pixel_values. With tiling (vlm/tiling.py), pixel_values holds every
+        image's views [total_views, 3, H, W] and image_grids [num_images, 2] their grids; the views'
+        tokens fill the image's positions in order. sample_ids (the batch's `ids`) name a mismatch.
         """
         embeds = self.lm.get_input_embeddings()(input_ids)
         if image_features is not None:
@@ -95,6 +103,9 @@ class VLM(nn.Module):
             return embeds, None
         else:
             features = self.encode_images(pixel_values)
+        if image_grids is not None:
+            check_image_positions(image_mask if image_mask is not None else input_ids == self.image_token_id,
+                                  image_grids, self.fusion.tokens_per_image, sample_ids)
         if self.fusion.tokens_per_image:
             image_embeds = self.fusion.embed_images(features).to(embeds.dtype)
             mask = image_mask if image_mask is not None else input_ids == self.image_token_id
@@ -114,23 +125,31 @@ class VLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, full_logits: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any,
+        num_items_in_batch: torch.Tensor | int | None = None, image_grids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, packing_attention: PackingAttention = "auto", **kwargs: Any,
     ) -> Any:
-        """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W].
+        """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W] (with tiling:
+        every image's views, and image_grids [num_images, 2], see `embed`).
 
         With labels, the LM's output head runs only where the loss reads it (positions followed by a
         supervised token; prompts and image slots are most of a sequence): `logits` is then
         [num_supervised, vocab] and the loss is the same. `full_logits=True` keeps [batch, seq, vocab].
         num_items_in_batch: the global batch's supervised tokens (see `vlm.loss.causal_lm_loss`).
+        position_ids [batch, seq]: a packed batch (vlm/data/packing.py), positions restarting at each
+        sample; attention then keeps samples apart (`packing_attention`, see `vlm.packed.lm_attention_inputs`).
         """
         image_mask = input_ids == self.image_token_id
-        embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask)
+        embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask, image_grids)
+        if position_ids is not None:
+            packed = lm_attention_inputs(self.lm.config, position_ids, embeds.dtype, packing_attention)
+            attention_mask = packed.pop("attention_mask")
+            kwargs.update(packed)
         kept = None
         if labels is not None and not full_logits and self._logits_at_labels and "logits_to_keep" not in kwargs:
             kept = kwargs["logits_to_keep"] = logits_positions(labels)
         out = self.fusion.lm_forward(
             self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-            image_mask=image_mask, **kwargs,
+            image_mask=image_mask, image_views=_views(image_grids), **kwargs,
         )
         if labels is not None:
             loss = causal_lm_loss(out.logits, labels, num_items_in_batch, kept)
@@ -147,11 +166,15 @@ class VLM(nn.Module):
         input_ids = batch["input_ids"].to(device)
         pixels = batch["pixel_values"]
         image_mask = input_ids == self.image_token_id
-        embeds, features = self.embed(input_ids, None if pixels is None else pixels.to(device), None, image_mask)
+        grids = batch.get("image_grids")
+        embeds, features = self.embed(
+            input_ids, None if pixels is None else pixels.to(device), None, image_mask, grids, batch.get("ids"),
+        )
         kwargs.setdefault("do_sample", False)
         new_tokens = self.fusion.lm_generate(
             self.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
-            image_features=features, image_mask=image_mask, max_new_tokens=max_new_tokens, **kwargs,
+            image_features=features, image_mask=image_mask, image_views=_views(grids),
+            max_new_tokens=max_new_tokens, **kwargs,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -178,12 +201,15 @@ class VLM(nn.Module):
                 "image_token_id": self.image_token_id,
                 "model": config_to_dict(self.config),
             }
+            if self.max_tiles > 1:  # absent when off, so folders without tiling are unchanged
+                meta["tiling"] = {"max_tiles": self.max_tiles, "tile_size": list(self.vision.image_size)}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
             save_model(self, str(tmp / WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "VLM":
-        """The model of a saved folder (its processor: `VLMProcessor.from_pretrained`, or `vlm.factory.load`)."""
+    def from_pretrained(cls, directory: str | Path, max_tiles: int | None = None) -> "VLM":
+        """The model of a saved folder (its processor: `VLMProcessor.from_pretrained`, or `vlm.factory.load`);
+        max_tiles: the tiling to train it with from here (None: the folder's own)."""
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
@@ -197,7 +223,12 @@ class VLM(nn.Module):
         lm = AutoModelForCausalLM.from_config(lm_config, trust_remote_code=config.trust_remote_code)
         lm.generation_config = lm.generation_config.from_pretrained(directory)
         fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm_config))
-        model = cls(config, vision, fusion, lm, tokenizer)
+        model = cls(config, vision, fusion, lm, tokenizer, saved_max_tiles(meta) if max_tiles is None else max_tiles)
         load_model(model, str(directory / WEIGHTS_NAME))
         return model
 
+
+
+def _views(image_grids: torch.Tensor | None) -> torch.Tensor | None:
+    """Views per image [num_images] for strategies that read an image's tokens (None: one view each)."""
+    return None if image_grids is None else views_per_image(image_grids)

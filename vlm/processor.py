@@ -24,8 +24,9 @@ from .data.checks import check_sample
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
 from .data.sample import Sample, SampleError
 from .encoders import ImageTransform, saved_image_transform
-from .folder import load_saved_tokenizer, read_saved_config
+from .folder import load_saved_tokenizer, read_saved_config, saved_max_tiles
 from .loss import IGNORE_INDEX
+from .tiling import Grid, image_layout, image_views, select_grid
 
 
 class VLMProcessor:
@@ -40,6 +41,8 @@ class VLMProcessor:
         max_length: int | None = None,
         truncate_text: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_tiles: int = 0,
+        tile_size: tuple[int, int] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
@@ -51,20 +54,32 @@ class VLMProcessor:
         """Over-long samples: cut the text after the last image token (True) or reject them (False)."""
         self.max_image_pixels = max_image_pixels
         """Images declaring more pixels are skipped before decoding (`data.max_image_pixels`; None: no limit)."""
+        self.max_tiles = max_tiles if max_tiles > 1 else 0
+        """`data.tiling.max_tiles` (0: no tiling): each image becomes a thumbnail plus tiles (vlm/tiling.py)."""
+        self.tile_size = tile_size
+        """(H, W) of one tile: the tower's input size."""
+        self.separator_ids: list[int] = []
+        """Token ids before each row of tiles: the tokenizer's own "\n"."""
+        if self.max_tiles:
+            self.separator_ids = tokenizer.encode("\n", add_special_tokens=False)
+            if tile_size is None or not self.separator_ids:
+                raise ValueError("data.tiling needs the tower's input size and a tokenizer that encodes '\\n'.")
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, max_length: int | None = None, truncate_text: bool = False,
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_tiles: int | None = None,
     ) -> "VLMProcessor":
-        """The processor of a saved VLM folder (tokenizer, image transform, image token, tokens_per_image from
-        its config.json), reading no weights: what data tools (`vlm data check`, the feature cache) need."""
+        """The processor of a saved VLM folder (tokenizer, image transform, image token, tokens_per_image and
+        tiling from its config.json), reading no weights: what data tools (`vlm data check`, the feature cache)
+        need. max_tiles: tile otherwise than the folder (None: as the folder says)."""
         directory = Path(directory)
         meta, config = read_saved_config(directory)
         transform = saved_image_transform(directory, meta["vision_library"], config.trust_remote_code)
         return cls(
             load_saved_tokenizer(directory, config), transform, config.image_token, meta["tokens_per_image"],
             max_length, truncate_text, max_image_pixels,
+            saved_max_tiles(meta) if max_tiles is None else max_tiles, _tile_size(meta, transform),
         )
 
     def __call__(self, sample: Sample, for_generation: bool = False, with_pixels: bool = True) -> dict[str, Any]:
@@ -73,22 +88,45 @@ class VLMProcessor:
         for_generation: encode only the prompt (up to the last user turn) plus the
         generation prompt, for `predict` / `generate`.
         with_pixels=False skips image decoding (the caller supplies cached features).
+        With tiling (`max_tiles`), pixel_values holds every image's views [total_views, 3, H, W] and
+        image_grids [num_images, 2] each image's (rows, cols) (vlm/tiling.py).
         """
+        if self.max_tiles and not with_pixels:
+            raise ValueError("data.tiling needs each image's size; it cannot run on cached features.")
         self.check(sample, for_generation)
         messages = sample.prompt_messages() if for_generation else sample.messages
         ids, labels = self.tokenize(messages, add_generation_prompt=for_generation)
         num_images = sum(m["content"].count(self.image_token) for m in messages)
-        ids, labels = self._expand_images(ids, labels)
+        # With tiling an image's token count depends on its size, so its header is read (and, here, its
+        # pixels decoded) before the text is laid out; without, over-long text is refused before decoding.
+        images = self.load_images(sample)[:num_images] if self.max_tiles else None
+        grids = None if images is None else [self.grid_for(*image.size) for image in images]
+        ids, labels = self._expand_images(ids, labels, grids)
         if self.max_length is not None and not for_generation and len(ids) > self.max_length:
             ids, labels = self._fit_length(sample.id, ids, labels)
-        images = self.load_images(sample)[:num_images] if with_pixels else []
-        pixel_values = torch.stack([self.image_transform(im) for im in images]) if images else None
-        return {
+        item: dict[str, Any] = {
             "id": sample.id,
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": pixel_values,
         }
+        if grids is None:
+            images = self.load_images(sample)[:num_images] if with_pixels else []
+            item["pixel_values"] = torch.stack([self.image_transform(im) for im in images]) if images else None
+            return item
+        views = [image_views(im, grid, self.image_transform, self.tile_size) for im, grid in zip(images, grids)]
+        item["pixel_values"] = torch.cat(views) if views else None
+        item["image_grids"] = torch.tensor(grids, dtype=torch.long) if grids else None
+        return item
+
+    def grid_for(self, width: int, height: int) -> Grid:
+        """The tile grid (rows, cols) of a width x height image; (1, 1) (the thumbnail alone) without tiling."""
+        return select_grid(width, height, self.max_tiles, self.tile_size) if self.max_tiles else (1, 1)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Text positions a width x height image takes (its `<image>` positions and row separators), from its
+        size alone: the header's size is enough, no pixel is decoded."""
+        return len(image_layout(self.grid_for(width, height), self.tokens_per_image, self.image_token_id,
+                                self.separator_ids))
 
     def _fit_length(self, sample_id: str, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Truncate the text after the last image token (data.truncate_text), never through image tokens."""
@@ -150,21 +188,35 @@ class VLMProcessor:
         ]
         return ids, labels
 
-    def _expand_images(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """Each image token becomes `tokens_per_image` copies; the fusion fills them in the model.
+    def _expand_images(
+        self, ids: list[int], labels: list[int], grids: list[Grid] | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """Each image token becomes `tokens_per_image` copies; the fusion fills them in the model. With
+        tiling (`grids`, one per image in order), the k-th becomes `image_layout` of the k-th grid.
 
         Strategies that occupy no positions (tokens_per_image == 0) keep one image token as a
         plain marker, so they can still tell where in the text each image appears.
         """
         copies = self.tokens_per_image or 1
         out_ids, out_labels = [], []
+        images = iter(grids or [])
         for token, label in zip(ids, labels):
             if token == self.image_token_id:
-                out_ids += [token] * copies
-                out_labels += [IGNORE_INDEX] * copies
+                expanded = (
+                    [token] * copies if grids is None
+                    else image_layout(next(images), self.tokens_per_image, token, self.separator_ids)
+                )
+                out_ids += expanded
+                out_labels += [IGNORE_INDEX] * len(expanded)
             else:
                 out_ids.append(token)
                 out_labels.append(label)
         return out_ids, out_labels
 
 
+
+def _tile_size(meta: dict[str, Any], transform: ImageTransform) -> tuple[int, int]:
+    """The tower's input size (H, W): recorded with a folder's tiling, else what its transform outputs
+    (a folder saved without tiling, tiled from here on by `data.tiling`)."""
+    size = meta.get("tiling", {}).get("tile_size") or transform(Image.new("RGB", (8, 8))).shape[-2:]
+    return int(size[0]), int(size[1])

@@ -1,7 +1,8 @@
 """DDP, FSDP2, ZeRO-2 and ZeRO-3 for real: two CPU processes over gloo under torchrun.
 
 Each sharded run must follow the single-process loss trajectory on the same global batch, resume
-exactly from its step-10 checkpoint, and survive batches where one rank has only text.
+exactly from its step-10 checkpoint, and survive batches where one rank has only text; with packing
+(`data.packing`) too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ FUSIONS = {
     "cross_attention": ["model.fusion=cross_attention", "model.cross_attention.every_n_layers=2"],
 }
 STEPS, PER_RANK = 20, 2
+# Synthetic samples are 124-228 tokens: rows of 460 hold two or three, so every step packs.
+PACKED = ["data.packing=true", "data.max_length=460"]
 
 
 def free_port() -> int:
@@ -89,6 +92,7 @@ train: {{stage: finetune, max_steps: {STEPS}, lr: 1.0e-3, warmup_steps: 2, repor
     for fusion in FUSIONS:
         train(load_config(config, overrides(f"single-{fusion}", fusion, 2 * PER_RANK)))
         train(load_config(config, overrides(f"single-mixed-{fusion}", fusion, 2, mixed_data)))
+        train(load_config(config, overrides(f"single-packed-{fusion}", fusion, 2 * PER_RANK, PACKED)))
     jobs = []
     for strategy in STRATEGIES:
         for fusion in FUSIONS:
@@ -103,6 +107,10 @@ train: {{stage: finetune, max_steps: {STEPS}, lr: 1.0e-3, warmup_steps: 2, repor
     for strategy in ("fsdp2", "zero3"):
         for fusion in FUSIONS:
             jobs.append(overrides(f"{strategy}-mixed-{fusion}", fusion, 1, [f"train.strategy={strategy}", *mixed_data]))
+            jobs.append(overrides(f"{strategy}-packed-{fusion}", fusion, PER_RANK, [f"train.strategy={strategy}", *PACKED]))
+    resume_from = root / "zero3-packed-projector" / "checkpoint-10"
+    jobs.append(overrides("zero3-packed-resumed", "projector", PER_RANK,
+                          ["train.strategy=zero3", f"train.resume_from={resume_from}", *PACKED]))
     spec = root / "jobs.json"
     spec.write_text(json.dumps([{"config": str(config), "overrides": job} for job in jobs]))
     result = torchrun([str(ROOT / "tests" / "distributed" / "dist_driver.py"), str(spec)], timeout=900)
@@ -153,6 +161,20 @@ def test_text_only_rank_next_to_an_image_rank(runs, strategy, fusion, synthetic)
     assert any(a != b for a, b in zip(*has_image)), "the fixture must pair a text-only rank with an image rank"
     assert_same_trajectory(history(runs["root"] / f"{strategy}-mixed-{fusion}"),
                            history(runs["root"] / f"single-mixed-{fusion}"))
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("run", ["single", "fsdp2", "zero3"])
+def test_packed_training_follows_the_unpacked_loss(runs, run, fusion):
+    """data.packing changes the rows, not the maths: the packed run's loss follows the unpacked
+    single-process one, on one process and sharded (each rank packs its own share)."""
+    expected = history(runs["root"] / f"single-{fusion}")
+    assert_same_trajectory(history(runs["root"] / f"{run}-packed-{fusion}"), expected)
+
+
+def test_packed_resume_from_step_10_continues_exactly(runs):
+    uninterrupted = history(runs["root"] / "zero3-packed-projector")
+    assert history(runs["root"] / "zero3-packed-resumed")[10:] == uninterrupted[10:]
 
 
 @pytest.mark.parametrize("run", ["projector", "lora"])  # lora: final/ holds the merged adapters and rows

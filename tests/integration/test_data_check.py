@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from PIL import Image
 
 from vlm.cli import main
@@ -61,12 +62,14 @@ def write_planted(tmp_path):
     return data
 
 
-def test_every_planted_category_is_found(tmp_path, backbones, capsys):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_planted_category_is_found(tmp_path, backbones, capsys, workers):
     data = write_planted(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(f"model:\n  vision: {backbones['vit']}\n  lm: {backbones['lm']}\ndata:\n  max_length: 200\n")
-    assert main(["data", "check", str(data), "--config", str(config)]) == 1
+    assert main(["data", "check", str(data), "--config", str(config), "--workers", str(workers)]) == 1
     out = capsys.readouterr().out
+    assert "checked 9 samples in" in out and f"{workers} worker(s)" in out
     assert "samples: 9 (2 good, 7 bad)" in out
     for category, sample_id in [("missing_image", "missing"), ("corrupt_image", "corrupt"),
                                 ("image_tag_mismatch", "two-tags"), ("image_in_answer", "leaky"),

@@ -10,67 +10,26 @@ So each strategy is briefly trained through the real `train()` entry point, and 
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
-from vlm.config import load_config
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.embedded.synthetic import Scene, caption, render_scene
+from captions import SCENES, STRATEGIES
+from vlm.embedded.synthetic import caption, render_scene
 from vlm.factory import processor_for
 from vlm.pipeline import Pipeline
 from vlm.model import VLM
-from vlm.train import train
 
-STRATEGIES = {
-    "projector": ["model.fusion=projector", "model.projector.type=mlp2x_gelu"],
-    "resampler": ["model.fusion=resampler", "model.resampler.latents=8"],
-    "early": ["model.fusion=early"],
-    "cross_attention": ["model.fusion=cross_attention", "model.cross_attention.every_n_layers=2"],
-    # The product, as the fusion benchmark runs late fusion: with the default mixture the question-blind
-    # image head and the LM take turns, and 120 steps do not make captions depend on the image (both
-    # images captioned 'a large red circle on the left.'). Decoding runs the same loop for either.
-    "late": ["model.fusion=late", "model.late.combine=product"],
-}
-SCENES = [Scene("red", "circle", "large", 1, "left"), Scene("blue", "square", "small", 1, "right"),
-          Scene("green", "triangle", "large", 2), Scene("yellow", "diamond", "small", 3),
-          Scene("purple", "circle", "small", 1, "top"), Scene("orange", "square", "large", 1, "bottom"),
-          Scene("red", "triangle", "small", 3), Scene("blue", "diamond", "large", 2)]
 PROMPTS = ["<image>\nDescribe the image.", "<image>\nWhat colour is the shape?",
            "<image>\nWhat is in this picture?", "<image>\nHow many objects are there?"]
 
 
-@pytest.fixture(scope="module")
-def captions_file(tmp_path_factory) -> Path:
-    """Eight scenes of distinct colour / shape / size / count, each asked for a caption and a colour: small enough that 120 steps
-    learn them, so the generated text must depend on the image."""
-    root = tmp_path_factory.mktemp("gen-data")
-    records = []
-    for i, scene in enumerate(SCENES):
-        render_scene(scene, rng=random.Random(i)).save(root / f"{i}.png")
-        records.append({"id": f"c{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": caption(scene)},
-            {"from": "human", "value": "What colour is the shape?"}, {"from": "gpt", "value": scene.colour}]})
-    (root / "train.json").write_text(json.dumps(records))
-    return root / "train.json"
-
-
 @pytest.fixture(scope="module", params=list(STRATEGIES))
-def trained(request, backbones, captions_file, tmp_path_factory) -> VLM:
-    out = tmp_path_factory.mktemp(f"gen-{request.param}")
-    config = load_config(None, [
-        f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", *STRATEGIES[request.param],
-        f"data.train_files=[{captions_file}]", "train.stage=finetune", "train.max_steps=120",
-        "train.batch_size=8", "train.lr=1e-3", "train.fusion_lr=3e-3", "train.warmup_steps=5",
-        "train.report_to=none", "train.seed=0", f"output_dir={out}",
-    ])
-    torch.manual_seed(0)
-    train(config)
-    return VLM.from_pretrained(out / "final").eval()
+def trained(request, train_captioner) -> VLM:
+    return VLM.from_pretrained(train_captioner(STRATEGIES[request.param]) / "final").eval()
 
 
 def _samples() -> list[Sample]:

@@ -196,3 +196,22 @@ def test_text_corpus() -> None:
     assert len(lines) == 200 and lines == text_corpus(200, seed=0) and lines != text_corpus(200, seed=1)
     assert all(line and "<image>" not in line for line in lines)
     assert any(line.endswith(".") for line in lines) and any(line.split()[-1].isdigit() for line in lines)
+
+
+def test_hires_variant_one_small_object_off_the_tile_borders(tmp_path):
+    from vlm.embedded.synthetic import COLOURS, HIRES_SIZE, SHAPES, make_hires_dataset
+
+    paths = make_hires_dataset(tmp_path, n_train=3, n_eval=1, n_test=4, seed=0)
+    test = json.loads(paths["test"].read_text())
+    assert [r["type"] for r in test[:2]] == ["shape", "colour"] and len(test) == 8
+    for record in test[::2]:
+        assert record["answers"][0] in SHAPES
+        pixels = np.asarray(Image.open(tmp_path / record["image"]))
+        assert pixels.shape == (HIRES_SIZE, HIRES_SIZE, 3)
+        ys, xs = np.nonzero(pixels.std(-1) > 20)  # the coloured object (the background is grey)
+        half = HIRES_SIZE // 2
+        assert 0 < len(xs) < 0.01 * HIRES_SIZE**2  # small
+        assert (xs < half).all() or (xs >= half).all()  # within one tile of a 2x2 grid
+        assert (ys < half).all() or (ys >= half).all()
+    assert all(r["answers"][0] in COLOURS for r in test[1::2])
+    assert len(json.loads(paths["train"].read_text())[0]["conversations"]) == 4

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,7 @@ from ..config import DataConfig, DataFile
 from .formats import read_samples
 from .checks import check_sample
 from .images import load_images
-from .sample import IMAGE_TAG, DataError, SampleError
+from .sample import IMAGE_TAG, DataError, Sample, SampleError
 
 if TYPE_CHECKING:  # the processor (vlm/processor.py) imports this package's modules
     from ..processor import VLMProcessor
@@ -68,39 +70,76 @@ class DataReport:
 
 def check_data(
     files: list[str | Path | DataFile], processor: VLMProcessor | None = None, image_root: str | Path | None = None,
-    data: DataConfig | None = None,
+    data: DataConfig | None = None, workers: int = 1,
 ) -> DataReport:
     """Every sample goes through what training does with it: parsing, structure checks, image
     decoding and, with a processor, tokenisation with the chat template and the length limit
-    (or truncation, with `processor.truncate_text`). `data` supplies the table prompt templates."""
+    (or truncation, with `processor.truncate_text`). `data` supplies the table prompt templates.
+    workers > 1: samples are checked in that many processes (image decoding dominates)."""
     report = DataReport()
     data = data or DataConfig()
-    for file in files:
-        try:
-            samples, errors = read_samples(file, image_root, caption_prompt=data.caption_prompt,
-                                           vqa_prompt=data.vqa_prompt)
-        except DataError as err:  # one unreadable file is reported; the other files are still checked
-            report.file_errors.append(str(err))
-            continue
-        report.samples += len(samples) + len(errors)
-        for err in errors:
-            _record(report, err)
-        for sample in samples:
-            report.formats[sample.source_format] += 1
-            report.images_per_sample[len(sample.images)] += 1
-            try:
-                if processor is None:
-                    check_sample(sample, IMAGE_TAG)
-                    load_images(sample, data.max_image_pixels)
-                else:
-                    report.lengths.append(len(processor(sample)["input_ids"]))
-            except SampleError as err:
-                _record(report, err)
-                continue
-            if sample.coerced:
-                report.coerced.append(sample.id)
-                report.coerced_example = report.coerced_example or f"sample '{sample.id}': {sample.coerced[0]}"
+    pool = None
+    if workers > 1:
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                   initargs=(processor, data.max_image_pixels))
+    else:
+        _init_worker(processor, data.max_image_pixels)
+    try:
+        for file in files:
+            _check_file(report, file, image_root, data, pool, workers)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return report
+
+
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(processor: VLMProcessor | None, max_image_pixels: int | None) -> None:
+    _WORKER.update(processor=processor, max_image_pixels=max_image_pixels)
+
+
+def _check_one(sample: Sample) -> tuple[int | None, SampleError | None]:
+    """(tokens, None) for a good sample (tokens None without a processor), (None, error) for a bad one."""
+    processor = _WORKER["processor"]
+    try:
+        if processor is None:
+            check_sample(sample, IMAGE_TAG)
+            load_images(sample, _WORKER["max_image_pixels"])
+            return None, None
+        return len(processor(sample)["input_ids"]), None
+    except SampleError as err:
+        return None, err
+
+
+def _check_file(
+    report: DataReport, file: str | Path | DataFile, image_root: str | Path | None, data: DataConfig,
+    pool: ProcessPoolExecutor | None, workers: int,
+) -> None:
+    try:
+        samples, errors = read_samples(file, image_root, caption_prompt=data.caption_prompt,
+                                       vqa_prompt=data.vqa_prompt)
+    except DataError as err:  # one unreadable file is reported; the other files are still checked
+        report.file_errors.append(str(err))
+        return
+    report.samples += len(samples) + len(errors)
+    for err in errors:
+        _record(report, err)
+    results = (pool.map(_check_one, samples, chunksize=max(1, min(256, len(samples) // (8 * workers))))
+               if pool is not None else map(_check_one, samples))
+    for sample, (tokens, error) in zip(samples, results):
+        report.formats[sample.source_format] += 1
+        report.images_per_sample[len(sample.images)] += 1
+        if error is not None:
+            _record(report, error)
+            continue
+        if tokens is not None:
+            report.lengths.append(tokens)
+        if sample.coerced:
+            report.coerced.append(sample.id)
+            report.coerced_example = report.coerced_example or f"sample '{sample.id}': {sample.coerced[0]}"
 
 
 def _record(report: DataReport, err: SampleError) -> None:

@@ -8,13 +8,18 @@ import torch
 
 from ..loss import IGNORE_INDEX
 
+PER_IMAGE_KEYS = ("pixel_values", "image_features", "image_grids")
+"""Item keys holding one entry per image (pixel_values: per view, with tiling): concatenated in the order
+the samples sit in the batch."""
+
 
 class Collator:
     """Items are processor outputs, or `{"skipped": id, "category": ..., "detail": ...}` for bad samples.
 
     Output: input_ids / attention_mask / labels [batch, max_len]; pixel_values
     [total_images, 3, H, W] in sample order (None when no sample has an image), or
-    image_features [total_images, patches, dim] from the feature cache; ids; skipped.
+    image_features [total_images, patches, dim] from the feature cache; with tiling (vlm/tiling.py),
+    pixel_values holds every image's views and image_grids [total_images, 2] their grids; ids; skipped.
     `padding_side="left"` for generation, so every prompt ends at the last position.
     """
 
@@ -28,18 +33,32 @@ class Collator:
         batch: dict[str, Any] = {"skipped": skipped, "ids": [item["id"] for item in items]}
         if not items:
             return batch
-        length = max(len(item["input_ids"]) for item in items)
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            cols = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
-            input_ids[row, cols] = item["input_ids"]
-            labels[row, cols] = item["labels"]
-            attention_mask[row, cols] = 1
-        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
-        for key in ("pixel_values", "image_features"):
-            parts = [item[key] for item in items if item.get(key) is not None]
-            batch[key] = torch.cat(parts) if parts else None
+        batch.update(self.pad(items))
         return batch
+
+    def pad(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows (dicts of input_ids / labels [n] and, when packed, position_ids [n]) -> padded tensors
+        [rows, longest]; the per-image keys concatenated in row order. Padding continues position_ids
+        from 0, as one more (unsupervised) run of positions."""
+        length = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        packed = "position_ids" in rows[0]
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long) if packed else None
+        for r, row in enumerate(rows):
+            n = len(row["input_ids"])
+            cols = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
+            input_ids[r, cols] = row["input_ids"]
+            labels[r, cols] = row["labels"]
+            attention_mask[r, cols] = 1
+            if position_ids is not None:
+                position_ids[r, :n] = row["position_ids"]
+                position_ids[r, n:] = torch.arange(length - n)
+        out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if position_ids is not None:
+            out["position_ids"] = position_ids
+        for key in PER_IMAGE_KEYS:
+            parts = [row[key] for row in rows if row.get(key) is not None]
+            out[key] = torch.cat(parts) if parts else None
+        return out

@@ -26,6 +26,9 @@ class SampleError(DataError):
         self.category = category
         self.detail = detail
 
+    def __reduce__(self) -> tuple:  # rebuilt from its fields when it crosses processes (`data check --workers`)
+        return type(self), (self.sample_id, self.category, self.detail)
+
 
 @dataclass
 class Sample:

@@ -1,7 +1,8 @@
 """Which samples each rank reads, in an order a resumed run can pick up mid-epoch.
 
 `ResumableSampler` (random order) and `LengthGroupedSampler` (`data.group_by_length`: batches of
-similar length, so less padding) share one interface: `set_epoch(epoch)`, `set_position(epoch,
+similar length, so less padding; with `data.group_by_modality_length` also never mixing image and text-only
+samples in a batch) share one interface: `set_epoch(epoch)`, `set_position(epoch,
 start)` to resume `start` indices into this rank's share, `len()` of what is left. Both give rank r
 every world_size-th index of one global order drawn from seed + epoch, so with batch size B on W
 ranks, step k's batches on all ranks together are exactly the k-th global batch of W*B samples that
@@ -49,7 +50,7 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __init__(
         self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-        mega_batch_mult: int | None = None,
+        mega_batch_mult: int | None = None, has_image: Sequence[bool] | None = None,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside a world of {num_replicas} process(es).")
@@ -59,6 +60,9 @@ class LengthGroupedSampler(Sampler[int]):
         self.rank = rank
         self.seed = seed
         self.mega_batch_mult = mega_batch_mult
+        self.has_image = None if has_image is None else list(has_image)
+        """Given (`data.group_by_modality_length`): every global batch is all image samples or all text-only,
+        bar one mixed batch of the two modalities' leftovers at the end of the epoch."""
         self.epoch = 0
         self.start = 0
         self.num_samples = -(-len(self.lengths) // num_replicas)  # ceil: every rank gets as many
@@ -72,11 +76,32 @@ class LengthGroupedSampler(Sampler[int]):
     def global_order(self) -> list[int]:
         """The epoch's order over all ranks, padded (by wrapping around) to a multiple of the world size."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = list(get_length_grouped_indices(
-            self.lengths, self.batch_size * self.num_replicas, self.mega_batch_mult, generator=generator
-        ))
+        if self.has_image is None:
+            order = self._grouped(list(range(len(self.lengths))), generator)
+        else:
+            order = self._by_modality(generator)
         total = self.num_samples * self.num_replicas
         return (order * (1 + total // max(len(order), 1)))[:total]
+
+    def _grouped(self, indices: list[int], generator: torch.Generator) -> list[int]:
+        """`indices` in transformers' length-grouped order for global batches of batch_size x world."""
+        order = get_length_grouped_indices(
+            [self.lengths[i] for i in indices], self.batch_size * self.num_replicas, self.mega_batch_mult,
+            generator=generator,
+        )
+        return [indices[i] for i in order]
+
+    def _by_modality(self, generator: torch.Generator) -> list[int]:
+        """Length-grouped within each modality, cut into global batches, the whole ones shuffled together."""
+        size = self.batch_size * self.num_replicas
+        whole, rest = [], []
+        for modality in (True, False):
+            order = self._grouped([i for i, image in enumerate(self.has_image) if image == modality], generator)
+            cut = len(order) - len(order) % size
+            whole += [order[i : i + size] for i in range(0, cut, size)]
+            rest += order[cut:]
+        shuffled = [whole[i] for i in torch.randperm(len(whole), generator=generator).tolist()]
+        return [i for batch in shuffled for i in batch] + rest
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.global_order()[self.rank :: self.num_replicas][self.start :])
@@ -104,10 +129,12 @@ def estimate_lengths(samples: Sequence[Sample], processor: VLMProcessor, chunk: 
 
 def training_sampler(
     dataset: Dataset, processor: VLMProcessor, batch_size: int, num_replicas: int, rank: int, seed: int,
-    group_by_length: bool,
+    group_by_length: bool, group_by_modality: bool = False,
 ) -> ResumableSampler | LengthGroupedSampler:
-    """The training set's sampler: length-grouped with `data.group_by_length`, else shuffled."""
-    if group_by_length:
+    """The training set's sampler: length-grouped with `data.group_by_length`, also by modality with
+    `data.group_by_modality_length`, else shuffled."""
+    if group_by_length or group_by_modality:
         lengths = estimate_lengths(dataset.samples, processor)
-        return LengthGroupedSampler(lengths, batch_size, num_replicas, rank, seed=seed)
+        has_image = [bool(sample.images) for sample in dataset.samples] if group_by_modality else None
+        return LengthGroupedSampler(lengths, batch_size, num_replicas, rank, seed=seed, has_image=has_image)
     return ResumableSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)

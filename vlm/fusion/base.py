@@ -132,13 +132,17 @@ class Fusion(nn.Module, ABC):
 
     def lm_forward(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
+        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
+        image_views: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
         """Run the LM on embeddings whose image positions are already filled; return its output (or a
         `FusionOutput`) with `logits`, never a loss (the model computes it, vlm/loss.py).
 
         image_mask [batch, seq]: True at image-token positions (with tokens_per_image == 0, one marker
         per image), for strategies that need to know where each image sits in the text.
+        image_views [num_images]: with tiling (vlm/tiling.py), how many consecutive rows of image_features
+        (thumbnail, then tiles) belong to each image; None: one each. Strategies that fill positions
+        (tokens_per_image > 0) need not read it: the views' tokens already sit in the image's positions.
         kwargs go to the LM, `logits_to_keep` ([batch, seq] bool) included: logits only at those positions.
 
         One image with no marker at all is the placeholder the trainer adds to a text-only batch
@@ -149,9 +153,10 @@ class Fusion(nn.Module, ABC):
 
     def lm_generate(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
+        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
+        image_views: torch.Tensor | None = None, **kwargs: Any,
     ) -> torch.Tensor:
-        """Generate new tokens [batch, new_tokens] from a left-padded prompt."""
+        """Generate new tokens [batch, new_tokens] from a left-padded prompt (arguments as `lm_forward`)."""
         return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def shard_units(self) -> list[nn.Module]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import ConfigError, FusionOptions
 from ..image_slots import check_markers, image_offsets, is_placeholder, slot_in_sample
+from ..tiling import group_views
 from .base import Fusion, LMShape, VisionShape, register_fusion
 from .decoder_layers import STATE_KWARG, active_state, past_length_of_call, wrap_layers
 from .resampler import PerceiverResampler
@@ -81,12 +82,13 @@ class VisualState:
     forward / generate call only.
 
     visual [batch, max_images * tokens, dim]; token_slot [batch, prompt_len] (-1: no image yet);
-    last_slot [batch] (the slot seen by positions past the prompt, i.e. generated tokens).
+    last_slot [batch] (the slot seen by positions past the prompt, i.e. generated tokens);
+    key_valid [batch, max_images * tokens] (False: padding past a tiled image's own views; None: all real).
     """
 
     def __init__(
         self, blocks: nn.ModuleDict, visual: torch.Tensor, tokens_per_image: int, token_slot: torch.Tensor,
-        last_slot: torch.Tensor, precompute: bool,
+        last_slot: torch.Tensor, precompute: bool, key_valid: torch.Tensor | None = None,
     ) -> None:
         self.blocks = blocks
         self.visual = visual
@@ -96,6 +98,8 @@ class VisualState:
         rows = torch.arange(b, device=visual.device)
         # Generated tokens all see their sample's last image: its tokens alone, no mask needed.
         self.last_visual = visual.view(b, -1, tokens_per_image, dim)[rows, last_slot.clamp(min=0)]
+        self.key_valid = key_valid
+        self.last_valid = None if key_valid is None else key_valid.view(b, -1, tokens_per_image)[rows, last_slot.clamp(min=0)]
         self.kv = self.last_kv = None
         self.past_length: int | None = None  # set per LM forward (see decoder_layers.PreLayerState)
         if precompute:
@@ -109,7 +113,7 @@ class VisualState:
         if past_length >= prompt_len:  # decode steps with the KV cache
             k, v = self.last_kv[layer_index] if self.last_kv is not None else block.key_values(self.last_visual)
             slot = last_slot.unsqueeze(1).expand(-1, q)
-            key_mask = None
+            key_mask = None if self.last_valid is None else self.last_valid.unsqueeze(1).expand(-1, q, -1)
         else:
             k, v = self.kv[layer_index] if self.kv is not None else block.key_values(self.visual)
             pos = torch.arange(past_length, past_length + q, device=hidden_states.device)
@@ -117,6 +121,8 @@ class VisualState:
                 pos < prompt_len, token_slot[:, pos.clamp(max=prompt_len - 1)], last_slot.unsqueeze(1)
             )  # [batch, q]
             key_mask = self.key_slot.view(1, 1, -1) == slot.clamp(min=0).unsqueeze(-1)
+            if self.key_valid is not None:
+                key_mask = key_mask & self.key_valid.unsqueeze(1)
         if hidden_states.shape[0] != slot.shape[0]:  # beams / num_return_sequences expand the batch
             r = hidden_states.shape[0] // slot.shape[0]
             slot, k, v = slot.repeat_interleave(r, 0), k.repeat_interleave(r, 0), v.repeat_interleave(r, 0)
@@ -207,27 +213,38 @@ class CrossAttentionFusion(Fusion):
         return [*super().forward_methods(), *((block, "key_values") for block in self.blocks.values())]
 
     def visual_state(
-        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None, precompute: bool = False
+        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None, precompute: bool = False,
+        position_ids: torch.Tensor | None = None, image_views: torch.Tensor | None = None,
     ) -> VisualState | None:
         """image_features [num_images, patches, vision_dim] (samples in order); image_mask [batch, seq]
-        True at each image's marker token. None when the batch has no images."""
+        True at each image's marker token; position_ids [batch, seq] of a packed batch, so a sample never
+        sees an earlier sample's image in its row (vlm/packed.py). None when the batch has no images. With
+        tiling, image_features holds every view and image_views [num_images] how many belong to each image:
+        a text position then reads all of its image's views' tokens (thumbnail and tiles)."""
         if image_features is None or image_features.shape[0] == 0:
             return None
         if image_mask is None:
             raise ValueError("The cross_attention fusion needs `image_mask` (where each image's marker sits).")
         if is_placeholder(int(image_mask.sum()), image_features.shape[0]):
             return self._placeholder_state(image_features, image_mask)
-        counts = check_markers(image_mask, image_features.shape[0])  # [batch]
-        visual = self.embed_images(image_features)  # [num_images, tokens, dim]
+        counts = check_markers(image_mask, image_features.shape[0] if image_views is None else image_views.shape[0])
+        visual = self.embed_images(image_features)  # [num_views, tokens, dim]
+        image_keys = None
+        if image_views is not None:  # [num_images, max_views * tokens, dim] and which of those keys are real
+            visual, image_keys = group_views(visual, image_views)
         n, tokens, dim = visual.shape
         max_images = int(counts.max())
         slots = torch.arange(max_images, device=visual.device)
         index = image_offsets(counts).unsqueeze(1) + slots  # [batch, max_images] into the image list
         valid = (slots < counts.unsqueeze(1)).view(-1, max_images, 1, 1)
         per_sample = torch.where(valid, visual[index.clamp(max=n - 1)], 0.0)  # [batch, max_images, tokens, dim]
-        token_slot = slot_in_sample(image_mask)
+        token_slot = slot_in_sample(image_mask, position_ids)
+        key_valid = None if image_keys is None else torch.where(
+            valid.view(-1, max_images, 1), image_keys[index.clamp(max=n - 1)], True
+        ).reshape(-1, max_images * tokens)
         return VisualState(
-            self.blocks, per_sample.reshape(-1, max_images * tokens, dim), tokens, token_slot, counts - 1, precompute
+            self.blocks, per_sample.reshape(-1, max_images * tokens, dim), tokens, token_slot, counts - 1, precompute,
+            key_valid,
         )
 
     def _placeholder_state(self, image_features: torch.Tensor, image_mask: torch.Tensor) -> VisualState:
@@ -249,11 +266,13 @@ class CrossAttentionFusion(Fusion):
 
     def lm_forward(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
+        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
+        image_views: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
         """As the base, with the visual state passed down to the wrapped layers as a forward keyword."""
         inputs_embeds = self._with_marker_embedding(inputs_embeds, image_mask)
-        state = self.visual_state(image_features, image_mask)
+        state = self.visual_state(image_features, image_mask, position_ids=kwargs.get("position_ids"),
+                                  image_views=image_views)
         if state is not None:
             state.past_length = past_length_of_call({**kwargs, "inputs_embeds": inputs_embeds,
                                                      "attention_mask": attention_mask})
@@ -263,12 +282,12 @@ class CrossAttentionFusion(Fusion):
     def lm_generate(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
         image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        cache_visual_kv: bool = True, **kwargs: Any,
+        image_views: torch.Tensor | None = None, cache_visual_kv: bool = True, **kwargs: Any,
     ) -> torch.Tensor:
         """As the base; each block's visual K/V is computed once per prompt (`cache_visual_kv`) and
         reused at every decode step. Generated tokens see the last image of their sample's prompt."""
         inputs_embeds = self._with_marker_embedding(inputs_embeds, image_mask)
-        state = self.visual_state(image_features, image_mask, precompute=cache_visual_kv)
+        state = self.visual_state(image_features, image_mask, precompute=cache_visual_kv, image_views=image_views)
         with active_state(state):
             return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import ConfigError, FusionOptions
 from ..image_slots import check_markers, image_index, is_placeholder
+from ..tiling import mean_over_views
 from .base import Fusion, FusionOutput, LMShape, VisionShape, register_fusion
 
 
@@ -69,29 +70,36 @@ class LateFusion(Fusion):
     def tokens_per_image(self) -> int:
         return 0
 
-    def embed_images(self, features: torch.Tensor) -> torch.Tensor:
-        """features [n, patches, vision_dim] -> vision next-token log-probs [n, 1, vocab]."""
-        pooled = self.pool_norm(features.mean(1).to(self.gate.weight.dtype))
+    def embed_images(self, features: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """features [n, patches, vision_dim] -> vision next-token log-probs [n, 1, vocab]. With tiling, features
+        holds every view and views [num_images] how many belong to each image: an image's features are then
+        pooled over all its views' patches (thumbnail and tiles alike), giving [num_images, 1, vocab]."""
+        pooled = features.mean(1)
+        if views is not None:
+            pooled = mean_over_views(pooled, views)
+        pooled = self.pool_norm(pooled.to(self.gate.weight.dtype))
         return F.log_softmax(self.head(F.gelu(self.hidden(pooled))).float(), dim=-1).unsqueeze(1)
 
     def _image_of_position(
-        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None
+        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None, views: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per position, the vision log-probs of the most recent image: ([batch, seq, vocab] log-probs,
-        [batch, seq] has-an-image); None when the batch has no images."""
+        """Per position, the vision log-probs of its sample's most recent image: ([batch, seq, vocab]
+        log-probs, [batch, seq] has-an-image); None when the batch has no images. position_ids: a packed
+        batch's (vlm/packed.py)."""
         if image_features is None or image_features.shape[0] == 0:
             return None
         if image_mask is None:
             raise ValueError("The late fusion needs `image_mask` (where each image's marker sits).")
-        n = image_features.shape[0]
+        n = image_features.shape[0] if views is None else views.shape[0]
         if is_placeholder(int(image_mask.sum()), n):
             # The placeholder image of a text-only training batch (vlm/image_slots.py): every position
             # is text-only, the head still runs so all its parameters take part (with zero effect).
             vision_logp = self.embed_images(image_features)[:, 0]
             return vision_logp.expand(*image_mask.shape, -1), torch.zeros_like(image_mask)
         check_markers(image_mask, n)
-        vision_logp = self.embed_images(image_features)[:, 0]  # [n, vocab]
-        index = image_index(image_mask)  # [batch, seq]; -1 before the sample's first image
+        vision_logp = self.embed_images(image_features, views)[:, 0]  # [n, vocab]
+        index = image_index(image_mask, position_ids)  # [batch, seq]; -1 before the sample's first image
         return vision_logp[index.clamp(min=0)], index >= 0
 
     def mix(
@@ -112,11 +120,12 @@ class LateFusion(Fusion):
 
     def lm_forward(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None, **kwargs: Any,
+        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
+        image_views: torch.Tensor | None = None, **kwargs: Any,
     ) -> Any:
         """The LM's own call when the batch has no image; otherwise its logits mixed with the vision
         head's (at the `logits_to_keep` positions only, when given), with the LM's own as `aux_logits`."""
-        vision = self._image_of_position(image_features, image_mask)
+        vision = self._image_of_position(image_features, image_mask, image_views, kwargs.get("position_ids"))
         if vision is None:
             return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         kwargs["output_hidden_states"] = True
@@ -139,13 +148,15 @@ class LateFusion(Fusion):
     def lm_generate(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
         image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any,
+        image_views: torch.Tensor | None = None, max_new_tokens: int = 64, do_sample: bool = False,
+        streamer: Any = None, stopping_criteria: Any = None, **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy decoding with the LM's KV cache from a left-padded prompt -> new tokens [batch, new];
-        each step's logits are mixed as in `lm_forward` (generated tokens see their sample's last image)."""
+        each step's logits are mixed as in `lm_forward` (generated tokens see their sample's last image).
+        `streamer` and `stopping_criteria` act as in `lm.generate` (`vlm serve` streams through them)."""
         if do_sample or kwargs.get("num_beams", 1) != 1:
             raise NotImplementedError("model.fusion='late' generates greedily only (do_sample=False, num_beams=1).")
-        vision = self._image_of_position(image_features, image_mask)
+        vision = self._image_of_position(image_features, image_mask, image_views)
         eos = lm.generation_config.eos_token_id
         eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
         pad = lm.generation_config.pad_token_id
@@ -172,9 +183,15 @@ class LateFusion(Fusion):
             token = torch.where(finished, pad, logits[:, 0].argmax(-1))
             new_tokens.append(token)
             finished |= torch.isin(token, eos.to(token.device))
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if stopping_criteria is not None:
+                finished |= stopping_criteria(torch.stack(new_tokens, dim=1), None).to(finished.device)
             if bool(finished.all()):
                 break
             step_inputs = {"input_ids": token.unsqueeze(1)}
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             positions = positions[:, -1:] + 1
+        if streamer is not None:
+            streamer.end()
         return torch.stack(new_tokens, dim=1)

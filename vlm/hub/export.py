@@ -25,6 +25,11 @@ class ExportError(ValueError):
 def export_llava_hf(model: VLM, out: str | Path) -> Path:
     """Write a `LlavaForConditionalGeneration` folder plus its `LlavaProcessor` to `out` (atomically)."""
     vision, fusion, lm = model.vision, model.fusion, model.lm
+    if model.max_tiles > 1:
+        raise ExportError(
+            f"This model was trained with data.tiling.max_tiles={model.max_tiles}; Llava reads one untiled view and "
+            "LlavaNext lays tiles out differently (docs/tiling.md#export), so neither computes what it computes."
+        )
     if vision.library != "transformers":
         raise ExportError(
             f"llava-hf export needs a transformers vision tower (model.vision=hf:...), not {vision.library}:{vision.source}."

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..config import Config
 from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
+from ..data.packing import PackingCollator
 from ..data.sample import DataError
 from ..loss import IGNORE_INDEX, count_supervised
 from .state import DataPosition
@@ -24,12 +25,15 @@ Batch = dict[str, Any]
 
 def make_loader(
     dataset: ConversationDataset, processor_pad: int, batch_size: int, shuffle: bool, config: Config,
-    sampler: Sampler | None = None,
+    sampler: Sampler | None = None, packing: bool = False,
 ) -> DataLoader:
+    """Batches of `batch_size` samples; with `packing` (training with data.packing) placed into packed rows."""
     generator = torch.Generator().manual_seed(config.train.seed)
+    collate = (PackingCollator(processor_pad, config.data.max_length, config.data.packing_max_images) if packing
+               else Collator(processor_pad, "right"))
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
-        collate_fn=Collator(processor_pad, "right"), num_workers=config.data.num_workers, generator=generator,
+        collate_fn=collate, num_workers=config.data.num_workers, generator=generator,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -59,7 +63,7 @@ def micro_batches(
 
 
 def model_inputs(batch: Batch) -> Batch:
-    keys = ("input_ids", "attention_mask", "pixel_values", "image_features", "labels")
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_features", "labels", "image_grids")
     return {key: batch[key] for key in keys if batch.get(key) is not None}
 
 

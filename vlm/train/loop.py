@@ -154,9 +154,10 @@ class Trainer:
                             f"({dict(self.train_set.problems)}); run `vlm data check` on them.")
         self.pad = model.tokenizer.pad_token_id
         self.sampler = training_sampler(self.train_set, processor, config.train.batch_size, env.world_size,
-                                        env.rank, config.train.seed, config.data.group_by_length)
+                                        env.rank, config.train.seed, config.data.group_by_length,
+                                        config.data.group_by_modality_length)
         self.train_loader = make_loader(self.train_set, self.pad, config.train.batch_size, False, config,
-                                        self.sampler)
+                                        self.sampler, packing=config.data.packing)
         self.eval_loader = None
         if config.data.eval_files:
             eval_set = ConversationDataset.from_files(

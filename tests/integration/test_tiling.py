@@ -1,0 +1,177 @@
+"""Tiling end to end: every fusion fills (or reads) exactly the positions the processor laid out, trains,
+and a saved folder tiles the same way; a mismatch names the sample; data check counts tiled totals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm.config import DataConfig, TilingConfig
+from vlm.data.check import check_data
+from vlm.data.collator import Collator
+from vlm.data.sample import Sample
+from vlm.factory import load, processor_for
+from vlm.hub.export import ExportError, export_llava_hf
+from vlm.model import VLM
+from vlm.processor import VLMProcessor
+from vlm.tiling import image_positions, num_views
+
+STRATEGIES = {
+    "projector": dict(type="mlp2x_gelu"),
+    "pixel_shuffle": dict(type="pixel_shuffle"),
+    "resampler": dict(latents=4),
+    "early": {},
+    "cross_attention": dict(every_n_layers=1),
+    "late": dict(combine="product"),
+}
+SIZES = {"wide": (128, 64), "tall": (64, 128), "square": (128, 128), "small": (40, 40)}  # grids 1x2, 2x1, 2x2, 1x1
+GRIDS = {"wide": (1, 2), "tall": (2, 1), "square": (2, 2), "small": (1, 1)}
+
+
+def _image(size: tuple[int, int], colour: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", size, (235, 235, 235))
+    image.paste(colour, (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    return image
+
+
+def _samples() -> list[Sample]:
+    def qa(name: str, colour: tuple[int, int, int], answer: str) -> Sample:
+        return Sample(name, [{"role": "user", "content": "<image>\nWhat colour is it?"},
+                             {"role": "assistant", "content": answer}], [_image(SIZES[name], colour)])
+
+    return [qa("wide", (220, 30, 30), "red"), qa("square", (30, 70, 230), "blue"),
+            Sample("text", [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello there"}]),
+            qa("tall", (30, 170, 50), "green"), qa("small", (240, 215, 20), "yellow")]
+
+
+def _build(model_config, name: str, max_tiles: int = 4) -> VLM:
+    fusion = "projector" if name == "pixel_shuffle" else name
+    torch.manual_seed(0)
+    return VLM.from_config(model_config.with_fusion(fusion, **STRATEGIES[name]), max_tiles)
+
+
+def _forward(model: VLM, batch: dict):
+    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                 full_logits=True, image_grids=batch.get("image_grids"))
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_fills_exactly_the_positions_laid_out_and_trains(model_config, name):
+    model = _build(model_config, name)
+    processor = processor_for(model)
+    plain = VLMProcessor(processor.tokenizer, processor.image_transform, processor.image_token,
+                         processor.tokens_per_image)
+    tokens, image_id = model.fusion.tokens_per_image, model.image_token_id
+    items = [processor(sample) for sample in _samples()]
+    for sample, item in zip(_samples(), items):
+        if not sample.images:
+            assert item.get("image_grids") is None and item["pixel_values"] is None
+            continue
+        grid, size = GRIDS[sample.id], SIZES[sample.id]
+        assert item["image_grids"].tolist() == [list(grid)]
+        assert item["pixel_values"].shape[0] == num_views(grid)
+        assert int((item["input_ids"] == image_id).sum()) == image_positions(grid, tokens)
+        # The count is known from the size alone and is exactly what the text grew by.
+        grown = len(item["input_ids"]) - len(plain(sample)["input_ids"])
+        assert grown == processor.image_tokens(*size) - (tokens or 1)
+
+    batch = Collator(model.tokenizer.pad_token_id)(items)
+    assert batch["image_grids"].tolist() == [[1, 2], [2, 2], [2, 1], [1, 1]]
+    out = _forward(model, batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert any(float(p.grad.abs().sum()) > 0 for p in model.fusion.parameters() if p.grad is not None)
+
+    # Padding views (cross_attention / late group an image's views with a mask) never leak: each sample
+    # alone gives the logits it gets in the batch.
+    model.eval()
+    with torch.no_grad():
+        if name == "cross_attention":
+            for block in model.fusion.blocks.values():
+                block.attn_gate.fill_(1.0)
+        logits = _forward(model, batch).logits
+        for row in (0, 3):
+            alone = _forward(model, Collator(model.tokenizer.pad_token_id)([items[row]])).logits[0]
+            assert torch.allclose(logits[row, : alone.shape[0]], alone, atol=1e-5), row
+
+
+@pytest.mark.parametrize("name", ["cross_attention", "late"])
+def test_strategies_without_positions_read_every_tile(model_config, name):
+    """Changing one tile of the image (not the thumbnail) changes the answer's logits."""
+    model = _build(model_config, name).eval()
+    processor = processor_for(model)
+    with torch.no_grad():
+        if name == "cross_attention":
+            for block in model.fusion.blocks.values():
+                block.attn_gate.fill_(1.0)
+        else:
+            model.fusion.gate.bias.fill_(2.0)
+        batch = Collator(model.tokenizer.pad_token_id, "left")([processor(_samples()[1], for_generation=True)])
+        base = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                     image_grids=batch["image_grids"]).logits[0, -1]
+        pixels = batch["pixel_values"].clone()
+        pixels[4] = -pixels[4]  # the last tile (bottom right)
+        moved = model(batch["input_ids"], batch["attention_mask"], pixels, image_grids=batch["image_grids"]).logits[0, -1]
+        assert not torch.allclose(base, moved)
+        assert model.generate_from_batch(batch, max_new_tokens=3, min_new_tokens=3) is not None
+
+
+def test_a_mismatched_count_names_the_sample(model_config):
+    model = _build(model_config, "projector").eval()
+    batch = Collator(model.tokenizer.pad_token_id, "left")(
+        [processor_for(model)(s, for_generation=True) for s in _samples()[:2]]
+    )
+    batch["image_grids"] = torch.tensor([[1, 2], [1, 2]])  # the square image claims fewer tiles than its text has
+    with pytest.raises(ValueError, match="sample 'square' has"):
+        model.generate_from_batch(batch, max_new_tokens=2)
+    with pytest.raises(ValueError, match="batch row 1 has"):
+        model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_grids=batch["image_grids"])
+
+
+def test_saved_folder_tiles_the_same_way_and_off_is_unchanged(model_config, tmp_path):
+    model = _build(model_config, "projector")
+    model.save_pretrained(tmp_path / "tiled")
+    meta = json.loads((tmp_path / "tiled" / "config.json").read_text())
+    assert meta["tiling"] == {"max_tiles": 4, "tile_size": [64, 64]}
+    sample = _samples()[1]
+    expected = processor_for(model)(sample)
+    for processor in (VLMProcessor.from_pretrained(tmp_path / "tiled"), load(tmp_path / "tiled")[1]):
+        got = processor(sample)
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+        assert torch.equal(got["pixel_values"], expected["pixel_values"])
+        assert torch.equal(got["image_grids"], expected["image_grids"])
+
+    with pytest.raises(ExportError, match="data.tiling.max_tiles=4"):
+        export_llava_hf(model, tmp_path / "llava")
+
+    off = _build(model_config, "projector", max_tiles=0)
+    off.save_pretrained(tmp_path / "off")
+    assert "tiling" not in json.loads((tmp_path / "off" / "config.json").read_text())
+    # A run may tile from an untiled folder (model.init_from): the tile size then comes from its transform.
+    retiled = VLMProcessor.from_pretrained(tmp_path / "off", max_tiles=4)(sample)
+    assert torch.equal(retiled["input_ids"], expected["input_ids"])
+    assert torch.equal(retiled["pixel_values"], expected["pixel_values"])
+    for max_tiles in (0, 1):  # one tile is the thumbnail alone: exactly no tiling
+        item = processor_for(_build(model_config, "projector", max_tiles))(sample)
+        assert set(item) == {"id", "input_ids", "labels", "pixel_values"} and item["pixel_values"].shape[0] == 1
+
+
+def test_data_check_and_max_length_count_the_tiled_total(model_config, tmp_path):
+    model = _build(model_config, "projector")
+    _image(SIZES["square"], (30, 70, 230)).save(tmp_path / "big.png")
+    record = {"id": "big", "image": "big.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "blue"}]}
+    (tmp_path / "data.json").write_text(json.dumps([record]))
+    tiled = processor_for(model, DataConfig(max_length=200))
+    plain = processor_for(_build(model_config, "projector", 0), DataConfig(max_length=200))
+    short = check_data([tmp_path / "data.json"], plain)
+    assert not short.failed and short.lengths[0] < 200
+    report = check_data([tmp_path / "data.json"], tiled)
+    assert report.problems["too_long"] == ["big"]
+    assert "over data.max_length=200" in report.details["too_long"]
+    wide_open = check_data([tmp_path / "data.json"], processor_for(model, DataConfig(max_length=4096)))
+    assert wide_open.lengths == [short.lengths[0] + tiled.image_tokens(128, 128) - tiled.tokens_per_image]
+    assert DataConfig(tiling=TilingConfig(4)).tiling.max_tiles == 4
