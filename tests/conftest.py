@@ -41,6 +41,48 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def trained_run(backbones, synthetic, tmp_path_factory) -> Path:
+    """A 40-step `vlm train` run (projector, finetune) with periodic eval loss and generation metrics
+    (train.eval_generate); its folder holds final/, train_summary.json, TensorBoard logs, captured.log."""
+    import contextlib
+    import io
+
+    from vlm.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    config = out / "config.yaml"
+    config.write_text(
+        f"""
+model:
+  vision: {backbones['vit']}
+  lm: {backbones['lm']}
+  fusion: projector
+  projector:
+    type: pixel_shuffle
+data:
+  train_files: [{synthetic['train']}]
+  eval_files: [{synthetic['eval']}]
+train:
+  stage: finetune
+  max_steps: 40
+  batch_size: 8
+  lr: 1.0e-3
+  fusion_lr: 2.0e-3
+  warmup_steps: 4
+  eval_every: 20
+  eval_generate: true
+  eval_max_new_tokens: 12
+  eval_generate_samples: 15
+  report_to: tensorboard
+output_dir: {out}
+"""
+    )
+    # Captured like CI / SLURM / nohup output: not a terminal. The log is kept for the test below.
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        assert main(["train", str(config), "train.seed=1"]) == 0
+    (out / "captured.log").write_text(log.getvalue())
+    return out
 def captions_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from captions import write_captions_file
 

@@ -246,6 +246,13 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     """Evaluate on `data.eval_files` every N optimizer steps (0: only at the end)."""
+    eval_generate: bool = False
+    """At every evaluation also answer `data.eval_files` by generation, as `vlm predict`, and log VQA accuracy
+    (overall and per type), BLEU-4 and CIDEr-D as `eval/*` (rank 0; not with fsdp2 / zero3)."""
+    eval_max_new_tokens: int = 32
+    """`train.eval_generate`: the answer length cap."""
+    eval_generate_samples: Optional[int] = None
+    """`train.eval_generate`: answer only the first N eval samples (None: all of them)."""
     early_stopping_patience: int = 0
     """Stop when the eval loss has not improved by more than `early_stopping_min_delta` for this many
     consecutive evaluations (every `train.eval_every` steps); 0: never. The run then finishes normally
@@ -288,6 +295,11 @@ class TrainConfig:
         if self.early_stopping_patience and not self.eval_every:
             raise ConfigError(f"train.early_stopping_patience={self.early_stopping_patience} counts periodic "
                               "evaluations, but train.eval_every is 0; set train.eval_every (e.g. 100).")
+        if self.eval_max_new_tokens < 1:
+            raise ConfigError(f"train.eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}.")
+        if self.eval_generate_samples is not None and self.eval_generate_samples < 1:
+            raise ConfigError(f"train.eval_generate_samples must be >= 1 (or null: all), "
+                              f"got {self.eval_generate_samples}.")
         if not self.early_stopping_min_delta >= 0:
             raise ConfigError(f"train.early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}.")
 

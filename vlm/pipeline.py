@@ -35,10 +35,21 @@ class Pipeline:
         self, images: list[Image.Image] | None = None, prompt: str = "", max_new_tokens: int = 64, **kwargs: Any
     ) -> str:
         """Answer one prompt about the given images; images without a tag in the prompt go first."""
+        return self.generate_batch([(images or [], prompt)], max_new_tokens, **kwargs)[0]
+
+    def generate_batch(
+        self, requests: list[tuple[list[Image.Image], str]], max_new_tokens: int = 64, **kwargs: Any
+    ) -> list[str]:
+        """Answer several (images, prompt) pairs in one left-padded batch, as `vlm predict` does."""
+        items = [self.processor(self.prompt_sample(images, prompt, f"prompt-{i}"), for_generation=True)
+                 for i, (images, prompt) in enumerate(requests)]
+        batch = Collator(self.processor.tokenizer.pad_token_id, "left")(items)
+        return self.model.generate_from_batch(batch, max_new_tokens, **kwargs)
+
+    def prompt_sample(self, images: list[Image.Image], prompt: str, sample_id: str = "prompt") -> Sample:
+        """A one-turn `Sample`; an image the prompt has no `<image>` tag for gets one on its own line in front."""
         image_token = self.processor.image_token
-        images = list(images or [])
+        images = list(images)
         missing = len(images) - prompt.count(image_token)
         text = f"{image_token}\n" * max(missing, 0) + prompt
-        sample = Sample(id="prompt", messages=[{"role": "user", "content": text}], images=images)
-        batch = Collator(self.processor.tokenizer.pad_token_id, "left")([self.processor(sample, for_generation=True)])
-        return self.model.generate_from_batch(batch, max_new_tokens, **kwargs)[0]
+        return Sample(id=sample_id, messages=[{"role": "user", "content": text}], images=images)

@@ -1,7 +1,5 @@
 """Train the tiny VLM for a few dozen steps through the real entry points; the loss must fall."""
 
-import contextlib
-import io
 import json
 import re
 
@@ -12,38 +10,9 @@ from vlm.model import VLM
 
 
 @pytest.fixture(scope="module")
-def trained(backbones, synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    config = out / "config.yaml"
-    config.write_text(
-        f"""
-model:
-  vision: {backbones['vit']}
-  lm: {backbones['lm']}
-  fusion: projector
-  projector:
-    type: pixel_shuffle
-data:
-  train_files: [{synthetic['train']}]
-  eval_files: [{synthetic['eval']}]
-train:
-  stage: finetune
-  max_steps: 40
-  batch_size: 8
-  lr: 1.0e-3
-  fusion_lr: 2.0e-3
-  warmup_steps: 4
-  eval_every: 20
-  report_to: tensorboard
-output_dir: {out}
-"""
-    )
-    # Captured like CI / SLURM / nohup output: not a terminal. The log is kept for the test below.
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        assert main(["train", str(config), "train.seed=1"]) == 0
-    (out / "captured.log").write_text(log.getvalue())
-    return out
+def trained(trained_run):
+    """The session's 40-step run (tests/conftest.py), shared with the lmms-eval tests."""
+    return trained_run
 
 
 def test_loss_falls_substantially(trained):

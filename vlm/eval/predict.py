@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from ..config import DataConfig, DataFile
 from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.formats import read_samples
@@ -21,20 +22,28 @@ from .metrics import compute_metrics, infer_task
 logger = logging.getLogger(__name__)
 
 
+DataFiles = str | Path | DataFile | list[str | DataFile]
+
+
 def predict(
-    model: VLM, processor: VLMProcessor, data_file: str | Path, out: str | Path, image_root: str | Path | None = None,
+    model: VLM, processor: VLMProcessor, data_file: DataFiles, out: str | Path, image_root: str | Path | None = None,
     max_new_tokens: int = 32, batch_size: int = 16, image_drop: float = 0.0, seed: int = 0,
+    limit: int | None = None, data: DataConfig | None = None,
 ) -> int:
     """Answer the last user turn of every sample; write `{"id", "prediction"}` lines. Returns the count.
 
-    image_drop: drop each image (and its tag) with this probability, seeded by `seed`, to measure
-    how the model answers with missing images.
+    data_file: one file, or a list as `data.eval_files`. image_drop: drop each image (and its tag) with
+    this probability, seeded by `seed`, to measure how the model answers with missing images.
+    limit: only the first `limit` samples. data: the training config's data section (prompt templates).
     """
+    files = [str(f) if isinstance(f, Path) else f for f in (data_file if isinstance(data_file, list) else [data_file])]
     dataset = ConversationDataset.from_files(
-        [str(data_file)], processor, image_root, for_generation=True, image_dropout=image_drop, seed=seed
+        files, processor, image_root, for_generation=True, image_dropout=image_drop, seed=seed, data=data
     )
     for category, count in dataset.problems.items():
         logger.warning("%d sample(s) skipped: %s", count, category)
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, range(limit))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(processor.tokenizer.pad_token_id, "left"))
     model.eval()
     written = 0
@@ -53,33 +62,50 @@ def predict(
 
 
 def evaluate_predictions(predictions: str | Path, data_file: str | Path) -> dict[str, Any]:
-    """Join predictions to the data's reference answers by id and compute VQA / caption metrics.
+    """Join predictions to the data's reference answers by id and compute VQA / caption metrics."""
+    records, missing = reference_records(read_predictions(predictions), data_file)
+    metrics = compute_metrics(records)
+    metrics["missing_predictions"] = missing
+    return metrics
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """`{"id", "prediction"}` lines (as `predict` writes them) -> {id: prediction}."""
+    preds = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            preds[str(record["id"])] = record.get("prediction") or ""
+    return preds
+
+
+def reference_records(
+    preds: dict[str, str], data_file: DataFiles, data: DataConfig | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """`compute_metrics` records for the samples that have a prediction, and how many samples with references
+    have none.
 
     References: the sample's `answers` list when present, else the assistant reply to its
     last user turn. Task: the sample's `task` field, else inferred from answer length.
     """
-    preds = {}
-    for line in Path(predictions).read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            preds[str(record["id"])] = record.get("prediction") or ""
-    samples, _ = read_samples(data_file, image_root=None)
+    data = data or DataConfig()
     records, missing = [], 0
-    for sample in samples:
-        references = sample.meta.get("answers") or [sample.reference_answer()]
-        references = [r for r in references if r]
-        if not references:
-            continue
-        if sample.id not in preds:
-            missing += 1
-            continue
-        record = {
-            "id": sample.id, "prediction": preds[sample.id], "references": references,
-            "task": sample.meta.get("task") or infer_task(references),
-        }
-        if "type" in sample.meta:
-            record["type"] = sample.meta["type"]
-        records.append(record)
-    metrics = compute_metrics(records)
-    metrics["missing_predictions"] = missing
-    return metrics
+    for entry in data_file if isinstance(data_file, list) else [data_file]:
+        samples, _ = read_samples(entry, image_root=None, caption_prompt=data.caption_prompt,
+                                  vqa_prompt=data.vqa_prompt)
+        for sample in samples:
+            references = sample.meta.get("answers") or [sample.reference_answer()]
+            references = [r for r in references if r]
+            if not references:
+                continue
+            if sample.id not in preds:
+                missing += 1
+                continue
+            record = {
+                "id": sample.id, "prediction": preds[sample.id], "references": references,
+                "task": sample.meta.get("task") or infer_task(references),
+            }
+            if "type" in sample.meta:
+                record["type"] = sample.meta["type"]
+            records.append(record)
+    return records, missing

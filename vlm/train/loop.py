@@ -41,6 +41,7 @@ from .batches import (Batch, first_readable_batch, make_loader, micro_batches, m
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .early_stopping import check_early_stopping, eval_progress
+from .eval_generate import check_eval_generate, generation_metrics, tracker_values
 from .freezing import apply_stage
 from .launch_env import apply_launcher_settings
 from .lora import save_final
@@ -54,6 +55,8 @@ from .trackers import Trackers
 logger = logging.getLogger(__name__)
 
 __all__ = ["Trainer", "TrainingAborted", "build_model", "train"]
+
+GENERATION_SUMMARY = ("vqa_accuracy", "bleu4", "cider_d")  # train.eval_generate's figures in train_summary.json
 
 
 def train(config: Config, on_step: Optional[Callable[["Trainer"], None]] = None) -> dict[str, Any]:
@@ -115,6 +118,7 @@ class Trainer:
         env = self.env
         set_seed(config.train.seed)
         self.strategy = build_strategy(config, env)
+        check_eval_generate(config, self.strategy.name)
         model, self.processor = build_model(config)
         self.model = model
         if config.train.gradient_checkpointing:
@@ -289,10 +293,9 @@ class Trainer:
     def _periodic_eval(self) -> bool:
         """Evaluate, log and record the eval loss; True when early stopping says to stop here."""
         step, train = self.state.step, self.config.train
-        eval_loss = self.evaluate()
-        self.state.eval_history.append({"step": step, "loss": eval_loss})
-        self.trackers.log({"eval/loss": eval_loss}, step)
-        self.progress.write(f"step {step}: eval loss {eval_loss:.4f}")
+        entry = self._evaluate_and_log(step)
+        scores = "".join(f", {k.replace('_', ' ')} {entry[k]:.4f}" for k in ("vqa_accuracy", "cider_d") if k in entry)
+        self.progress.write(f"step {step}: eval loss {entry['loss']:.4f}{scores}")
         progress = eval_progress(self.state.eval_history, train.early_stopping_min_delta)
         if not train.early_stopping_patience or progress.waited < train.early_stopping_patience:
             return False
@@ -301,6 +304,19 @@ class Trainer:
             logger.info("Early stopping at step %d: eval loss has not improved for %d evaluations (best %.4f at "
                         "step %s).", step, progress.waited, best, progress.best_step)
         return True
+
+    def _evaluate_and_log(self, step: int) -> dict[str, Any]:
+        """The eval loss (all ranks) and with `train.eval_generate` the generation metrics (rank 0, the
+        others wait), appended to the eval history and logged as `eval/<name>`."""
+        entry: dict[str, Any] = {"step": step, "loss": self.evaluate()}
+        if self.config.train.eval_generate:
+            if self.env.is_main:
+                metrics = generation_metrics(self.strategy.unwrapped(), self.processor, self.config, step)
+                entry.update(tracker_values(metrics))
+            barrier(self.env)
+        self.state.eval_history.append(entry)
+        self.trackers.log({f"eval/{k}": v for k, v in entry.items() if k != "step"}, step)
+        return entry
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -346,9 +362,9 @@ class Trainer:
         }
         if self.eval_loader is not None:  # the periodic eval at this very step (e.g. an early stop) is reused
             if not state.eval_history or state.eval_history[-1]["step"] != state.step:
-                state.eval_history.append({"step": state.step, "loss": self.evaluate()})
-                self.trackers.log({"eval/loss": state.eval_history[-1]["loss"]}, state.step)
+                self._evaluate_and_log(state.step)
             summary["eval_loss"] = state.eval_history[-1]["loss"]
+            summary.update({f"eval_{k}": v for k, v in state.eval_history[-1].items() if k in GENERATION_SUMMARY})
         best = eval_progress(state.eval_history, config.train.early_stopping_min_delta)
         summary.update(best_eval_step=best.best_step, best_eval_loss=best.best_loss, stopped_early=self.stopped_early)
         full = strategy.full_state_dict()  # collective for sharded strategies
