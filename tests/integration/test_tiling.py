@@ -53,6 +53,16 @@ def _build(model_config, name: str, max_tiles: int = 4) -> VLM:
     return VLM.from_config(model_config.with_fusion(fusion, **STRATEGIES[name]), max_tiles)
 
 
+def _open_gates(model: VLM, name: str) -> None:
+    """Let the vision path weigh in from the start (cross_attention's gates and late's mixing start closed)."""
+    with torch.no_grad():
+        if name == "cross_attention":
+            for block in model.fusion.blocks.values():
+                block.attn_gate.fill_(1.0)
+        if name == "late":
+            model.fusion.gate.bias.fill_(2.0)
+
+
 def _forward(model: VLM, batch: dict):
     return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                  full_logits=True, image_grids=batch.get("image_grids"))
@@ -88,10 +98,8 @@ def test_every_strategy_fills_exactly_the_positions_laid_out_and_trains(model_co
     # Padding views (cross_attention / late group an image's views with a mask) never leak: each sample
     # alone gives the logits it gets in the batch.
     model.eval()
+    _open_gates(model, name)
     with torch.no_grad():
-        if name == "cross_attention":
-            for block in model.fusion.blocks.values():
-                block.attn_gate.fill_(1.0)
         logits = _forward(model, batch).logits
         for row in (0, 3):
             alone = _forward(model, Collator(model.tokenizer.pad_token_id)([items[row]])).logits[0]
@@ -103,12 +111,8 @@ def test_strategies_without_positions_read_every_tile(model_config, name):
     """Changing one tile of the image (not the thumbnail) changes the answer's logits."""
     model = _build(model_config, name).eval()
     processor = processor_for(model)
+    _open_gates(model, name)
     with torch.no_grad():
-        if name == "cross_attention":
-            for block in model.fusion.blocks.values():
-                block.attn_gate.fill_(1.0)
-        else:
-            model.fusion.gate.bias.fill_(2.0)
         batch = Collator(model.tokenizer.pad_token_id, "left")([processor(_samples()[1], for_generation=True)])
         base = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                      image_grids=batch["image_grids"]).logits[0, -1]
@@ -175,3 +179,28 @@ def test_data_check_and_max_length_count_the_tiled_total(model_config, tmp_path)
     wide_open = check_data([tmp_path / "data.json"], processor_for(model, DataConfig(max_length=4096)))
     assert wide_open.lengths == [short.lengths[0] + tiled.image_tokens(128, 128) - tiled.tokens_per_image]
     assert DataConfig(tiling=TilingConfig(4)).tiling.max_tiles == 4
+
+
+@pytest.mark.parametrize("name", ["projector", "cross_attention", "late"])
+def test_packed_rows_keep_each_samples_tiles(model_config, name):
+    """data.packing concatenates samples: their views and grids travel in row order, and each sample's
+    logits in the packed row are its logits alone."""
+    from vlm.data.packing import PackingCollator
+
+    model = _build(model_config, name).eval()
+    processor = processor_for(model)
+    _open_gates(model, name)
+    with torch.no_grad():
+        items = {item["id"]: item for item in (processor(s) for s in _samples())}
+        lengths = sum(len(item["input_ids"]) for item in items.values())
+        packed = PackingCollator(model.tokenizer.pad_token_id, max_length=lengths)(list(items.values()))
+        assert packed["input_ids"].shape[0] == 1
+        grids = [items[i]["image_grids"] for i in packed["ids"] if items[i].get("image_grids") is not None]
+        assert torch.equal(packed["image_grids"], torch.cat(grids))
+        row = model(packed["input_ids"], packed["attention_mask"], packed["pixel_values"],
+                    position_ids=packed["position_ids"], image_grids=packed["image_grids"], full_logits=True).logits[0]
+        start = 0
+        for sample_id in packed["ids"]:
+            alone = _forward(model, Collator(model.tokenizer.pad_token_id)([items[sample_id]])).logits[0]
+            assert torch.allclose(row[start : start + alone.shape[0]], alone, atol=1e-4), sample_id
+            start += alone.shape[0]
