@@ -83,6 +83,9 @@ output_dir: {out}
         assert main(["train", str(config), "train.seed=1"]) == 0
     (out / "captured.log").write_text(log.getvalue())
     return out
+
+
+@pytest.fixture(scope="session")
 def captions_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from captions import write_captions_file
 
