@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .encoders import VisionEncoder
-from .packed import segment_ids
+from .packed import sample_starts
 
 
 def is_placeholder(num_markers: int, num_images: int) -> bool:
@@ -60,11 +60,8 @@ def slot_in_sample(image_mask: torch.Tensor, position_ids: torch.Tensor | None =
     seen = image_mask.long().cumsum(1)  # markers at or before each position, in the row
     if position_ids is None:
         return seen - 1
-    seg = segment_ids(position_ids)
-    starts = torch.ones_like(seg, dtype=torch.bool)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     # Markers before the sample's first position (non-decreasing along the row, so cummax carries it on).
-    before = torch.where(starts, seen - image_mask.long(), 0).cummax(1).values
+    before = torch.where(sample_starts(position_ids), seen - image_mask.long(), 0).cummax(1).values
     return torch.where(seen > before, seen - 1, -1)
 
 

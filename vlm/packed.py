@@ -24,12 +24,17 @@ PackingAttention = Literal["auto", "mask", "position_ids"]
 _VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
 
-def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """position_ids [rows, seq] -> [rows, seq]: 0 for the row's first sample, 1 for the next, ...: a new
-    sample starts wherever the position does not follow the previous one (as transformers reads it)."""
+def sample_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [rows, seq] -> [rows, seq] bool: True where a sample begins, i.e. wherever the position
+    does not follow the previous one (as transformers reads it)."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts.long().cumsum(1) - 1
+    return starts
+
+
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [rows, seq] -> [rows, seq]: 0 for the row's first sample, 1 for the next, ..."""
+    return sample_starts(position_ids).long().cumsum(1) - 1
 
 
 def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -30,11 +30,13 @@ class Collator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         skipped = [item for item in items if "skipped" in item]
         items = [item for item in items if "skipped" not in item]
-        batch: dict[str, Any] = {"skipped": skipped, "ids": [item["id"] for item in items]}
         if not items:
-            return batch
-        batch.update(self.pad(items))
-        return batch
+            return {"skipped": skipped, "ids": []}
+        return {"skipped": skipped, **self.arrange(items)}
+
+    def arrange(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """The loaded items as one padded row each, with their `ids` (packing overrides this)."""
+        return {"ids": [item["id"] for item in items], **self.pad(items)}
 
     def pad(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Rows (dicts of input_ids / labels [n] and, when packed, position_ids [n]) -> padded tensors

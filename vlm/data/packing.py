@@ -80,17 +80,13 @@ class PackingCollator(Collator):
         self.max_length = max_length
         self.max_images = max_images
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        skipped = [item for item in items if "skipped" in item]
-        items = [item for item in items if "skipped" not in item]
-        if not items:
-            return {"skipped": skipped, "ids": []}
+    def arrange(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         bins = balanced_bins(
             [len(item["input_ids"]) for item in items], [num_images(item) for item in items],
             self.max_length, self.max_images,
         )
         rows = [pack_row([items[i] for i in members]) for members in bins]
-        return {"skipped": skipped, "ids": [items[i]["id"] for members in bins for i in members],
+        return {"ids": [items[i]["id"] for members in bins for i in members],
                 "samples_per_row": [len(members) for members in bins], **self.pad(rows)}
 
 
