@@ -21,18 +21,29 @@ class Collator:
     image_features [total_images, patches, dim] from the feature cache; with tiling (vlm/tiling.py),
     pixel_values holds every image's views and image_grids [total_images, 2] their grids; ids; skipped.
     `padding_side="left"` for generation, so every prompt ends at the last position.
+
+    fallback: a loaded item that stands in, with no supervised token, for a batch whose every sample
+    failed to load. Sharded training and evaluation give one: every rank must run the same forwards
+    (FSDP and ZeRO-3 gather weights in each), so no rank may skip a batch because its share was
+    unreadable. Without it (one process: predict, serving) such a batch has no `input_ids`.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
+    def __init__(self, pad_token_id: int, padding_side: str = "right",
+                 fallback: dict[str, Any] | None = None) -> None:
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
+        self.fallback = fallback
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         skipped = [item for item in items if "skipped" in item]
         items = [item for item in items if "skipped" not in item]
-        if not items:
+        if items:
+            return {"skipped": skipped, **self.arrange(items)}
+        if self.fallback is None:
             return {"skipped": skipped, "ids": []}
-        return {"skipped": skipped, **self.arrange(items)}
+        stand_in = self.arrange([self.fallback])
+        stand_in["labels"] = torch.full_like(stand_in["labels"], IGNORE_INDEX)
+        return {"skipped": skipped, **stand_in, "ids": []}
 
     def arrange(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """The loaded items as one padded row each, with their `ids` (packing overrides this)."""

@@ -25,12 +25,15 @@ Batch = dict[str, Any]
 
 def make_loader(
     dataset: ConversationDataset, processor_pad: int, batch_size: int, shuffle: bool, config: Config,
-    sampler: Sampler | None = None, packing: bool = False,
+    sampler: Sampler | None = None, packing: bool = False, fallback: dict[str, Any] | None = None,
 ) -> DataLoader:
-    """Batches of `batch_size` samples; with `packing` (training with data.packing) placed into packed rows."""
+    """Batches of `batch_size` samples; with `packing` (training with data.packing) placed into packed rows.
+
+    fallback (`first_readable_item`): what a batch of only unreadable samples becomes, at weight 0, so
+    every batch this loader yields has model inputs and every rank runs the same forwards."""
     generator = torch.Generator().manual_seed(config.train.seed)
-    collate = (PackingCollator(processor_pad, config.data.max_length, config.data.packing_max_images) if packing
-               else Collator(processor_pad, "right"))
+    collate = (PackingCollator(processor_pad, config.data.max_length, config.data.packing_max_images, fallback)
+               if packing else Collator(processor_pad, "right", fallback))
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
         collate_fn=collate, num_workers=config.data.num_workers, generator=generator,
@@ -68,8 +71,8 @@ def model_inputs(batch: Batch) -> Batch:
 
 
 def supervised_tokens(batch: Batch) -> int:
-    """Tokens the loss reads (vlm/loss.py); 0 for a batch whose samples all failed to load."""
-    return count_supervised(batch["labels"]) if "labels" in batch else 0
+    """Tokens the loss reads (vlm/loss.py); 0 for the stand-in of a batch whose samples all failed to load."""
+    return count_supervised(batch["labels"])
 
 
 def to_device(inputs: Batch, device: torch.device) -> Batch:
@@ -81,12 +84,12 @@ def zero_weight(batch: Batch) -> Batch:
     return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
 
 
-def first_readable_batch(dataset: ConversationDataset, pad_token_id: int) -> Batch:
-    """A one-sample batch of the first sample that loads: what a micro-batch whose samples all fail to load
-    is replaced by (at weight 0, so every rank still runs the same collectives). Found before step 1, so
-    a run whose data cannot be loaded at all stops there, in one line."""
+def first_readable_item(dataset: ConversationDataset) -> dict[str, Any]:
+    """The first sample that loads: what a batch whose samples all fail to load is replaced by (at weight 0,
+    so every rank still runs the same collectives; see `Collator`). Found before step 1, so a run whose data
+    cannot be loaded at all stops there, in one line."""
     for index in range(len(dataset)):
         item = dataset[index]
         if "skipped" not in item:
-            return Collator(pad_token_id, "right")([item])
+            return item
     raise DataError(f"None of the {len(dataset)} training samples could be loaded; run `vlm data check` on them.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,15 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     reduced = tensor.to(env.device)
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.to(tensor.device)
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` for one process."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def teardown(env: DistEnv) -> None:

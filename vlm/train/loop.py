@@ -25,23 +25,25 @@ import yaml
 from transformers import set_seed
 
 from ..config import Config, config_to_dict
+from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
 from ..data.sample import DataError
 from ..data.samplers import ResumableSampler, training_sampler
 from ..factory import build
-from ..hub.publish import TrainingPublisher
+from ..hub.publish import LATEST_DIR, TrainingPublisher
 from ..image_slots import with_placeholder
 from ..model import VLM
 from ..processor import VLMProcessor
 from ..progress import progress_bar
-from .batches import (Batch, first_readable_batch, make_loader, micro_batches, model_inputs, supervised_tokens,
+from .batches import (Batch, first_readable_item, make_loader, micro_batches, model_inputs, supervised_tokens,
                       to_device, zero_weight)
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .early_stopping import check_early_stopping, eval_progress
 from .eval_generate import check_eval_generate, generation_metrics, tracker_values
+from .evaluation import count_skipped, eval_loss
 from .freezing import apply_stage
 from .launch_env import apply_launcher_settings
 from .lora import save_final
@@ -106,6 +108,8 @@ class Trainer:
         self.publisher: TrainingPublisher | None = None
         self.trackers: Trackers | None = None
         self.tokens_seen = 0
+        self.eval_skipped: dict[str, int] = {}
+        """Unreadable eval samples by category, as of the latest evaluation (train_summary.json)."""
         self.started = time.perf_counter()
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -133,7 +137,6 @@ class Trainer:
             self.state, scheduler = load_checkpoint(self.strategy, resume, env)
             self.updater.load_state_dict(scheduler)
             logger.info("Resumed from %s at step %d.", resume, self.state.step)
-        self.fallback = first_readable_batch(self.train_set, self.pad)
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.trackers = Trackers(config, self.output_dir, enabled=env.is_main)
@@ -153,19 +156,25 @@ class Trainer:
             raise DataError(f"No usable training samples in {config.data.train_files} "
                             f"({dict(self.train_set.problems)}); run `vlm data check` on them.")
         self.pad = model.tokenizer.pad_token_id
+        # What a batch of only unreadable samples becomes (in training and evaluation alike), so no rank
+        # ever skips a forward the others wait for; found before step 1.
+        stand_in = first_readable_item(self.train_set)
+        self.fallback = Collator(self.pad, "right", stand_in)([])
         self.sampler = training_sampler(self.train_set, processor, config.train.batch_size, env.world_size,
                                         env.rank, config.train.seed, config.data.group_by_length,
                                         config.data.group_by_modality_length)
         self.train_loader = make_loader(self.train_set, self.pad, config.train.batch_size, False, config,
-                                        self.sampler, packing=config.data.packing)
+                                        self.sampler, packing=config.data.packing, fallback=stand_in)
         self.eval_loader = None
+        self.eval_problems: dict[str, int] = {}
         if config.data.eval_files:
             eval_set = ConversationDataset.from_files(
                 config.data.eval_files, processor, config.data.image_root, feature_cache=cache, data=config.data,
             )
+            self.eval_problems = dict(eval_set.problems)
             eval_sampler = ResumableSampler(eval_set, env.world_size, env.rank, shuffle=False, seed=0)
             self.eval_loader = make_loader(eval_set, self.pad, config.train.eval_batch_size or config.train.batch_size,
-                                           False, config, eval_sampler)
+                                           False, config, eval_sampler, fallback=stand_in)
 
     def _feature_cache(self, model: VLM) -> FeatureCache:
         """Encode every training / eval image once (each rank a share), before the first step."""
@@ -248,11 +257,9 @@ class Trainer:
         global_tokens = torch.tensor(max(int(counts[0]), 1), device=env.device)
         loss_sum, bad, ids = 0.0, False, []
         for i, batch in enumerate(micro):
-            ids += list(batch.get("ids", []))
-            if "input_ids" in batch:
+            ids += batch["ids"]
+            if batch["ids"]:  # not the weight-0 stand-in of a batch whose samples were all unreadable
                 self.fallback = batch
-            else:  # every sample of this micro-batch was unreadable: rerun a good one at weight 0
-                batch = zero_weight(self.fallback)
             inputs = to_device(with_placeholder(model_inputs(batch), self.model.vision, cached), env.device)
             with strategy.micro_batch(last=i == len(micro) - 1):
                 with strategy.autocast():
@@ -318,31 +325,42 @@ class Trainer:
         self.trackers.log({f"eval/{k}": v for k, v in entry.items() if k != "step"}, step)
         return entry
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per supervised token over the whole eval set (all ranks)."""
-        module, env, cached = self.strategy.model, self.env, self.config.data.cache_features
-        module.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for batch in self.eval_loader:
-            if "input_ids" not in batch:
-                continue
-            tokens = supervised_tokens(batch)
-            inputs = to_device(with_placeholder(model_inputs(batch), self.strategy.unwrapped().vision, cached), env.device)
-            with self.strategy.autocast():
-                out = module(**inputs, num_items_in_batch=torch.tensor(max(tokens, 1), device=env.device))
-            total += torch.tensor([float(out.loss) * max(tokens, 1), tokens], dtype=torch.float64)
-        module.train()
-        total = all_reduce_sum(total, env)
-        return float(total[0] / total[1].clamp(min=1))
+        """Mean loss per supervised token over the whole eval set (all ranks); the unreadable eval samples
+        are counted in `self.eval_skipped` and logged."""
+        loss, skipped = eval_loss(self.strategy, self.eval_loader, self.env, self.config.data.cache_features)
+        self.eval_skipped = count_skipped(skipped, self.eval_problems, self.env, self.state.step)
+        return loss
 
     def save(self) -> Path:
-        """Collective: a checkpoint of the current state (and, with hub.strategy=every_save, a push)."""
+        """Collective: a checkpoint of the current state and, with hub.strategy=every_save, `hub-latest/`
+        written as `final/` would be (merged or an adapter folder, per export.merge_lora) and pushed."""
         path = save_checkpoint(self.strategy, self.state, self.updater.state_dict(), self.config, self.env,
                                self.output_dir, self.config.train.save_total_limit)
-        if self.publisher is not None and self.strategy.replicated:  # sharded runs push at the end
-            self.publisher.on_save(self.strategy.unwrapped(), self.state.step)
+        hub = self.config.hub
+        if hub.push and hub.strategy == "every_save":
+            model = self._full_model(separate=True)  # collective under fsdp2 / zero3
+            if self.env.is_main:
+                folder = self._write_model_folder(model, self.output_dir / LATEST_DIR)
+                self.publisher.on_save(folder, self.state.step)
         return path
+
+    def _full_model(self, separate: bool) -> VLM | None:
+        """Collective: on the main process, a VLM holding every trained weight, unsharded (None elsewhere).
+        `separate`: never the model being trained (merging LoRA into it or saving cannot touch training)."""
+        full = self.strategy.full_state_dict()
+        if not self.env.is_main:
+            return None
+        if self.strategy.replicated and not separate:
+            return self.strategy.unwrapped()
+        model = build_model(self.config)[0]
+        model.load_state_dict(full)
+        return model
+
+    def _write_model_folder(self, model: VLM, folder: Path) -> Path:
+        """What `final/` holds: a VLM folder, LoRA merged, or an adapter folder with export.merge_lora=false."""
+        config = self.config
+        return save_final(model, folder, merge=config.export.merge_lora, base=config.model.init_from or config.model.pretrained)
 
     # -- the end -------------------------------------------------------------------------------------
 
@@ -364,16 +382,13 @@ class Trainer:
             if not state.eval_history or state.eval_history[-1]["step"] != state.step:
                 self._evaluate_and_log(state.step)
             summary["eval_loss"] = state.eval_history[-1]["loss"]
+            summary["eval_skipped_samples"] = self.eval_skipped
             summary.update({f"eval_{k}": v for k, v in state.eval_history[-1].items() if k in GENERATION_SUMMARY})
         best = eval_progress(state.eval_history, config.train.early_stopping_min_delta)
         summary.update(best_eval_step=best.best_step, best_eval_loss=best.best_loss, stopped_early=self.stopped_early)
-        full = strategy.full_state_dict()  # collective for sharded strategies
+        model = self._full_model(separate=False)  # collective for sharded strategies
         if env.is_main:
-            model = strategy.unwrapped() if strategy.replicated else build_model(config)[0]
-            if not strategy.replicated:
-                model.load_state_dict(full)
-            save_final(model, self.output_dir / "final", merge=config.export.merge_lora,
-                       base=config.model.init_from or config.model.pretrained)
+            self._write_model_folder(model, self.output_dir / "final")
             details = {"history": history, "eval_history": state.eval_history, "bad_step_samples": state.bad_steps}
             (self.output_dir / "train_summary.json").write_text(json.dumps({**summary, **details}, indent=2))
             print(json.dumps(summary), flush=True)

@@ -1,0 +1,55 @@
+"""The eval loss of a training run, on every rank, and the unreadable eval samples it met.
+
+Every rank runs every eval forward: a batch whose samples all failed to load arrives from the collator as a
+weight-0 stand-in (vlm/data/collator.py), since FSDP2 and ZeRO-3 gather weights inside each forward and a
+rank that skipped one would leave the others waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+
+from ..image_slots import with_placeholder
+from .batches import Batch, model_inputs, supervised_tokens, to_device
+from .distributed import DistEnv, all_reduce_sum, gather_objects
+from .sharding.base import Strategy
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def eval_loss(strategy: Strategy, batches: Iterable[Batch], env: DistEnv, cached: bool) -> tuple[float, dict[str, str]]:
+    """Collective: mean loss per supervised token over all ranks' batches, and this rank's unreadable
+    samples ({id: category})."""
+    module = strategy.model
+    module.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    skipped: dict[str, str] = {}
+    for batch in batches:
+        skipped.update({item["skipped"]: item["category"] for item in batch["skipped"]})
+        tokens = supervised_tokens(batch)
+        inputs = to_device(with_placeholder(model_inputs(batch), strategy.unwrapped().vision, cached), env.device)
+        with strategy.autocast():
+            out = module(**inputs, num_items_in_batch=torch.tensor(max(tokens, 1), device=env.device))
+        total += torch.tensor([float(out.loss) * max(tokens, 1), tokens], dtype=torch.float64)
+    module.train()
+    total = all_reduce_sum(total, env)
+    return float(total[0] / total[1].clamp(min=1)), skipped
+
+
+def count_skipped(skipped: dict[str, str], problems: dict[str, int], env: DistEnv, step: int) -> dict[str, int]:
+    """Collective: every rank's unreadable eval samples (one the sampler repeated to even out ranks counts
+    once) plus `problems` (dropped when the eval set was read), by category; one log line on the main process."""
+    merged = {k: v for part in gather_objects(skipped, env) for k, v in part.items()}
+    counts = dict(problems)
+    for category in merged.values():
+        counts[category] = counts.get(category, 0) + 1
+    if merged and env.is_main:
+        names = ", ".join(sorted(merged)[:10]) + (" ..." if len(merged) > 10 else "")
+        logger.warning("Evaluation at step %d skipped %d unreadable eval sample(s) (%s): %s; run `vlm data check` "
+                       "on data.eval_files.", step, len(merged), ", ".join(f"{c}: {n}" for c, n in sorted(counts.items())),
+                       names)
+    return counts
