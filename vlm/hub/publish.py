@@ -32,18 +32,14 @@ class TrainingPublisher:
             BackgroundPusher(hub.repo_id, hub.private, hub.revision, hub.endpoint) if hub.push else None
         )
 
-    def on_save(self, model: Any, step: int) -> None:
-        """After checkpoint `step` (main process): with `hub.strategy: every_save`, queue a push of the weights.
-
-        `model` is the unwrapped `VLM` holding the full weights; it is saved to `output_dir/hub-latest`
-        (a VLM folder, unlike the resumable checkpoint) and that snapshot is pushed in the background.
-        """
+    def on_save(self, folder: str | Path, step: int) -> None:
+        """After checkpoint `step` (main process): with `hub.strategy: every_save`, give `folder` (the loop's
+        `output_dir/hub-latest`, written as `final/` is: a VLM folder or a LoRA adapter folder) its model card
+        and queue a push of it in the background."""
         if self._pusher is None or self.config.hub.strategy != "every_save":
             return
-        folder = self.output_dir / LATEST_DIR
-        model.save_pretrained(folder)
         write_model_card(folder, config_to_dict(self.config), {"step": step}, repo_id=self.config.hub.repo_id)
-        self._pusher.push(folder, f"Training in progress, step {step}")
+        self._pusher.push(Path(folder), f"Training in progress, step {step}")
 
     def on_end(self, final_dir: str | Path, metrics: Optional[dict[str, Any]] = None) -> list[str]:
         """After `final/` is written (main process): write its model card, push it, await every push.
