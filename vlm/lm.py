@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .data.content import ensure_parts_template
+
 logger = logging.getLogger(__name__)
 
 # Used only when the tokenizer ships no chat template of its own. ChatML, the format of
@@ -48,9 +50,11 @@ def chat_template(image_token: str) -> str:
 
 
 def upgrade_chat_template(tokenizer: PreTrainedTokenizerBase, image_token: str) -> None:
-    """A folder saved with the old string-only template gets the current one; other templates stay."""
+    """A folder saved with the old string-only template gets the current one; an LM's own string-only
+    template gets the preamble that renders list-of-parts content as training does (vlm/data/content.py)."""
     if tokenizer.chat_template == LEGACY_CHAT_TEMPLATE:
         tokenizer.chat_template = chat_template(image_token)
+    ensure_parts_template(tokenizer, image_token)
 
 
 def load_language_model(
@@ -75,6 +79,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str) -> s
         tokenizer.chat_template = chat_template(image_token)
         added += [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
         end_of_turn = "<|im_end|>"
+    elif ensure_parts_template(tokenizer, image_token):
+        logger.info("The LM's chat template takes string content only: list-of-parts content is rendered "
+                    "as the data readers render it (vlm/data/content.py).")
     tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

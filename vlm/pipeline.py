@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image
 
 from .data.collator import Collator
+from .data.content import with_image_tags
 from .data.sample import Sample
 from .factory import load, processor_for
 from .model import VLM
@@ -48,8 +49,6 @@ class Pipeline:
 
     def prompt_sample(self, images: list[Image.Image], prompt: str, sample_id: str = "prompt") -> Sample:
         """A one-turn `Sample`; an image the prompt has no `<image>` tag for gets one on its own line in front."""
-        image_token = self.processor.image_token
         images = list(images)
-        missing = len(images) - prompt.count(image_token)
-        text = f"{image_token}\n" * max(missing, 0) + prompt
+        text = with_image_tags(prompt, len(images), self.processor.image_token)
         return Sample(id=sample_id, messages=[{"role": "user", "content": text}], images=images)

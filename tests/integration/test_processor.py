@@ -111,7 +111,7 @@ def test_llava_and_messages_formats_read_the_same_conversation(tmp_path, image_f
     (tmp_path / "llava.json").write_text(json.dumps([{"id": "a", "image": image_file, "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}]))
     (tmp_path / "msgs.jsonl").write_text(json.dumps({"id": "a", "images": [image_file], "messages": [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat?"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": "red"}]}) + "\n{broken\n")
     (llava,), _ = read_samples(tmp_path / "llava.json")
     (messages,), errors = read_samples(tmp_path / "msgs.jsonl")

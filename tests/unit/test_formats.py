@@ -72,7 +72,8 @@ def every_format(tmp_path_factory):
     msgs = []
     for r in ROWS:
         user, answer = turns(r)
-        parts = [{"type": "image"}, {"type": "text", "text": user[len(IMAGE_TAG):]}]
+        assert user.startswith(IMAGE_TAG + "\n")  # parts are joined by a newline, as the chat template does
+        parts = [{"type": "image"}, {"type": "text", "text": user[len(IMAGE_TAG) + 1:]}]
         msgs.append({"id": r["id"], "images": [r["image"]], "messages": [
             {"role": "user", "content": parts}, {"role": "assistant", "content": answer}]})
     (root / "messages.jsonl").write_text("\n".join(json.dumps(x) for x in msgs))

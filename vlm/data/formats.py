@@ -22,6 +22,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from ..config import DataConfig, DataFile
+from .content import content_text, with_image_tags
 from .describe import describe as _kind, short as _short
 from .hf_datasets import DatasetImage
 from .readers import reader_for
@@ -110,13 +111,13 @@ def record_to_sample(
             raise SampleError(sample_id, "malformed", "is a VQA row without 'answer' or 'answers'.")
         answer = Counter(answers).most_common(1)[0][0]
         question = text(record["question"], "'question'")
-        prompt = _with_image_tags(vqa_prompt.format(question=question), len(resolved))
+        prompt = with_image_tags(vqa_prompt.format(question=question), len(resolved))
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         meta.pop("answer", None)
         meta["answers"] = answers
         kind = "vqa"
     elif record.get("caption") is not None:
-        prompt = _with_image_tags(caption_prompt, len(resolved))
+        prompt = with_image_tags(caption_prompt, len(resolved))
         caption = text(record["caption"], "'caption'")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
         meta.pop("caption", None)
@@ -188,23 +189,16 @@ def _answers(record: dict[str, Any], text: Callable[[Any, str], str], sample_id:
     return out
 
 
-def _with_image_tags(prompt: str, num_images: int) -> str:
-    """Templates may omit `<image>`: the missing tags go first, one line each."""
-    missing = num_images - prompt.count(IMAGE_TAG)
-    return f"{IMAGE_TAG}\n" * max(missing, 0) + prompt
-
-
 def _content(content: Any, where: str, text: Callable[[Any, str], str], sample_id: str) -> str:
-    """Messages content may be a string or a list of {"type": "image"} / {"type": "text"} parts."""
-    if not isinstance(content, list):
-        return text(content, where)
-    parts = []
-    for k, part in enumerate(content):
-        if not isinstance(part, dict):
-            raise SampleError(sample_id, "malformed", f"{where} part {k} is {_kind(part)}; parts are objects like "
-                              '{"type": "text", "text": "..."} or {"type": "image"}.')
-        if part.get("type") == "image":
-            parts.append(IMAGE_TAG)
-        elif part.get("type") == "text":
-            parts.append(text(part.get("text"), f"{where} part {k}"))
-    return "".join(parts)
+    """Messages content: a string or a list of {"type": "image"} / {"type": "text"} parts (vlm/data/content.py)."""
+    def accept_image(part: dict[str, Any], here: str) -> None:
+        if part.get("type") != "image":
+            raise SampleError(sample_id, "malformed", f"{here} is an {part.get('type')!r} part; in data files an image "
+                              'part is {"type": "image"}, with the image itself in the record\'s "image" / "images".')
+
+    def bad_part(here: str, part: Any) -> SampleError:
+        what = _kind(part) if not isinstance(part, dict) else f"a part of type {_short(part.get('type'))}"
+        return SampleError(sample_id, "malformed", f"{here} is {what}; parts are objects like "
+                           '{"type": "text", "text": "..."} or {"type": "image"}.')
+
+    return content_text(content, where, text, accept_image, bad_part, part_where="{where} part {k}")

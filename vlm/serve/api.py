@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.content import content_text
 from ..data.sample import IMAGE_TAG, ROLES, Sample
 
 REQUEST_FIELDS = {
@@ -141,26 +142,33 @@ def _sample(messages: Any, limits: Limits) -> Sample:
 
 
 def _content(content: Any, where: str, role: str, images: list[bytes], limits: Limits) -> str:
-    """A string, or text / image_url parts joined by newlines, each image as the image tag in its place
-    (so `[image, "What colour?"]` reads `<image>\\nWhat colour?`, as LLaVA data does)."""
-    if isinstance(content, str):
-        return _text(content, where)
-    if not isinstance(content, list) or not content:
+    """A string, or text / image_url parts, as the prompt text training reads (vlm/data/content.py: each image
+    as the image tag in its place, parts joined by newlines, so `[image, "What colour?"]` reads
+    `<image>\\nWhat colour?`, as LLaVA data does)."""
+    if not isinstance(content, (str, list)) or content == []:
         raise ApiError(400, f"{where} must be a string or a non-empty list of content parts.")
-    parts = []
-    for k, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
-            parts.append(_text(part["text"], f"{where}[{k}].text"))
-        elif kind == "image_url" and role == "user" and set(part) <= {"type", "image_url"}:
-            if len(images) >= limits.max_images:
-                raise ApiError(400, f"More than {limits.max_images} images in one request; send fewer.")
-            images.append(_image_bytes(part.get("image_url"), f"{where}[{k}].image_url", limits))
-            parts.append(IMAGE_TAG)
-        else:
-            raise ApiError(400, f"{where}[{k}] must be {{\"type\": \"text\", \"text\": ...}} or, in a user message, "
-                                "{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/...;base64,...\"}}.")
-    return "\n".join(parts)
+
+    def text(value: Any, here: str) -> str:
+        if not isinstance(value, str):
+            raise bad_part(here)
+        return _text(value, here)
+
+    def image(part: dict[str, Any], here: str) -> None:
+        if part.get("type") != "image_url" or role != "user" or set(part) - {"type", "image_url"}:
+            raise bad_part(here)
+        if len(images) >= limits.max_images:
+            raise ApiError(400, f"More than {limits.max_images} images in one request; send fewer.")
+        images.append(_image_bytes(part.get("image_url"), f"{here}.image_url", limits))
+
+    def bad_part(here: str, part: Any = None) -> ApiError:
+        return ApiError(400, f"{here} must be {{\"type\": \"text\", \"text\": ...}} or, in a user message, "
+                             "{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/...;base64,...\"}}.")
+
+    if isinstance(content, list):
+        for k, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text" and set(part) - {"type", "text"}:
+                raise bad_part(f"{where}[{k}]")
+    return content_text(content, where, text, image, bad_part)
 
 
 def _text(text: str, where: str) -> str:
