@@ -60,3 +60,17 @@ def test_cache_refuses_a_trained_encoder(backbones, synthetic, tmp_path, monkeyp
     monkeypatch.setitem(loop.apply_stage.__globals__["STAGES"], "align", {"vision": True, "fusion": True, "lm": False})
     with pytest.raises(ValueError, match="needs a frozen vision encoder"):
         run(backbones, synthetic, tmp_path / "x", cache=True)
+
+
+def test_one_unreadable_image_costs_only_itself(tiny_vlm, synthetic, tmp_path):
+    """Images are encoded in chunks; a bad one among them must not leave its good neighbours uncached
+    (they would be skipped as `not_cached` in training)."""
+    vision = tiny_vlm.vision
+    samples = read_samples(synthetic["eval"])[0][:4]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a png")
+    samples[1].images = [str(bad)]
+    cache = FeatureCache(tmp_path / "cache", encoder_fingerprint(vision), (vision.num_patches, vision.hidden_size))
+    cache.fill(samples, processor_for(tiny_vlm), vision, batch_size=4)
+    cached = [cache.get(s.images[0]) is not None for s in samples]
+    assert cached == [True, False, True, True]

@@ -106,11 +106,15 @@ class FeatureCache:
                     pending.append(image)
         device = next(vision.parameters()).device
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start : start + batch_size]
-            try:
-                decoded = load_images(Sample("cache", [], chunk), processor.max_image_pixels)
-            except SampleError:
-                continue  # the dataset reports bad images itself
+            chunk, decoded = [], []
+            for image in pending[start : start + batch_size]:  # one at a time: a bad image costs only itself
+                try:
+                    decoded += load_images(Sample("cache", [], [image]), processor.max_image_pixels)
+                    chunk.append(image)
+                except SampleError:
+                    continue  # the dataset reports bad images itself
+            if not chunk:
+                continue
             pixels = torch.stack([processor.image_transform(im) for im in decoded]).to(device)
             for image, features in zip(chunk, vision(pixels)):
                 self.put(image, features)
