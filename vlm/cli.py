@@ -35,6 +35,16 @@ def _predict(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .eval.predict import evaluate_predictions
 
+    if args.retention:
+        from .eval.retention import base_model, retention
+        from .factory import load
+
+        model, processor = load(args.retention)
+        print(json.dumps(retention(model, base_model(model), processor, max_new_tokens=args.max_new_tokens), indent=2))
+        return 0
+    if not args.predictions or not args.data:
+        print("vlm eval needs --predictions FILE and --data FILE (or --retention MODEL_DIR).", file=sys.stderr)
+        return 2
     print(json.dumps(evaluate_predictions(args.predictions, args.data), indent=2))
     return 0
 
@@ -206,9 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--open", action="store_true", help="also open the page in this machine's browser")
     chat.set_defaults(run=_serve)
 
-    evaluate = commands.add_parser("eval", help="score predictions: VQA accuracy, BLEU-4, CIDEr-D")
-    evaluate.add_argument("--predictions", required=True)
-    evaluate.add_argument("--data", required=True)
+    evaluate = commands.add_parser("eval", help="score predictions: VQA accuracy, BLEU-4, CIDEr-D; or --retention")
+    evaluate.add_argument("--predictions")
+    evaluate.add_argument("--data")
+    evaluate.add_argument("--retention", metavar="MODEL_DIR",
+                          help="how much text-only chat a saved VLM kept: 120 prompts against its base LM")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="with --retention: reply length cap")
     evaluate.set_defaults(run=_eval)
 
     export = commands.add_parser("export", help="export to a transformers-native format")

@@ -253,6 +253,9 @@ class TrainConfig:
     """`train.eval_generate`: the answer length cap."""
     eval_generate_samples: Optional[int] = None
     """`train.eval_generate`: answer only the first N eval samples (None: all of them)."""
+    eval_retention: bool = False
+    """At the end, measure how much of the LM's text-only chat the model kept (vlm/eval/retention.py: greedy
+    replies to 120 fixed prompts against the base LM's); in train_summary.json and the model card (rank 0)."""
     early_stopping_patience: int = 0
     """Stop when the eval loss has not improved by more than `early_stopping_min_delta` for this many
     consecutive evaluations (every `train.eval_every` steps); 0: never. The run then finishes normally

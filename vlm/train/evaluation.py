@@ -8,10 +8,12 @@ rank that skipped one would leave the others waiting.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from ..factory import processor_for
 from ..image_slots import with_placeholder
 from .batches import Batch, model_inputs, supervised_tokens, to_device
 from .distributed import DistEnv, all_reduce_sum, gather_objects
@@ -53,3 +55,21 @@ def count_skipped(skipped: dict[str, str], problems: dict[str, int], env: DistEn
                        "on data.eval_files.", step, len(merged), ", ".join(f"{c}: {n}" for c, n in sorted(counts.items())),
                        names)
     return counts
+
+
+def final_retention(final: Path, max_new_tokens: int) -> dict[str, float]:
+    """`train.eval_retention`: the saved `final/` (merged or adapters) against its base LM, text only."""
+    from ..eval.retention import base_model, retention  # noqa: PLC0415 - only when asked for
+    from ..factory import load  # noqa: PLC0415
+    from .lora import load_adapter_folder  # noqa: PLC0415
+
+    if (final / "config.json").is_file():
+        model, processor = load(final)
+    else:
+        model = load_adapter_folder(final)
+        processor = processor_for(model)
+    result = retention(model, base_model(model), processor, max_new_tokens=max_new_tokens)
+    logger.info("Retention: %.1f%% of %d text-only replies identical to the base LM's; loss on them %.3f (base %.3f).",
+                100 * result["identical_replies"], result["prompts"], result["loss_on_base_replies"],
+                result["base_loss_on_own_replies"])
+    return {k: v for k, v in result.items() if k != "examples"}

@@ -43,7 +43,7 @@ from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .early_stopping import check_early_stopping, eval_progress
 from .eval_generate import check_eval_generate, generation_metrics, tracker_values
-from .evaluation import count_skipped, eval_loss
+from .evaluation import count_skipped, eval_loss, final_retention
 from .freezing import apply_stage
 from .launch_env import apply_launcher_settings
 from .lora import save_final
@@ -389,10 +389,12 @@ class Trainer:
         model = self._full_model(separate=False)  # collective for sharded strategies
         if env.is_main:
             self._write_model_folder(model, self.output_dir / "final")
+            if config.train.eval_retention:
+                summary["retention"] = final_retention(self.output_dir / "final", config.train.eval_max_new_tokens)
             details = {"history": history, "eval_history": state.eval_history, "bad_step_samples": state.bad_steps}
             (self.output_dir / "train_summary.json").write_text(json.dumps({**summary, **details}, indent=2))
             print(json.dumps(summary), flush=True)
-            metrics = {k: summary[k] for k in ("final_loss", "eval_loss") if k in summary}
+            metrics = {k: summary[k] for k in ("final_loss", "eval_loss", "retention") if k in summary}
             self.publisher.on_end(self.output_dir / "final", metrics)  # model card; the push when hub.push
         barrier(env)
         self.trackers.finish()
