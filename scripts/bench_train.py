@@ -33,6 +33,7 @@ the GPU's dense bf16 peak. Model FLOPs per step count the work the step needs (s
 Usage:
     python scripts/bench_train.py                                 # tiny sizes, CPU, both stages
     python scripts/bench_train.py --sizes medium --batch-size 8 --steps 20
+    python scripts/bench_train.py --lm artifacts/real/backbones/lm --stage finetune   # the real SmolLM2 LM
     python scripts/bench_train.py --device cuda --dtype bf16 --sizes siglip-b16-360m --stage finetune
 """
 
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak, if not detected")
+    parser.add_argument("--lm", default=None, help="a real LM folder (e.g. artifacts/real/backbones/lm) in place of "
+                        "the random Llama of --sizes; the tower stays --sizes' (Llava takes transformers towers)")
     args = parser.parse_args(argv)
     args.warmup = max(1, args.warmup)
     if args.threads:
@@ -266,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         vision_dir, lm_dir = build_backbones(root, size, args.tower, args.image_size)
+        lm_dir = Path(args.lm) if args.lm else lm_dir
         torch.manual_seed(0)
         ours = VLM.from_config(ModelConfig(vision=f"hf:{vision_dir}", lm=str(lm_dir)).with_fusion("projector", type="mlp2x_gelu"))
         export_llava_hf(ours, root / "llava")
@@ -277,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     supervised = int((batch["labels"] != IGNORE_INDEX).sum())
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    print(f"sizes={args.sizes} tower={args.tower} {px}px device={args.device} dtype={args.dtype} "
+    print(f"sizes={args.sizes} tower={args.tower} lm={args.lm or args.sizes} {px}px device={args.device} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"batch: {batch_size} samples x {batch['input_ids'].shape[1]} positions ({images} images x "
           f"{ours.fusion.tokens_per_image} image tokens, {tokens} real tokens, {supervised} supervised)")
