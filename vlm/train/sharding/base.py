@@ -49,8 +49,10 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     def autocast(self) -> ContextManager:
-        if self.bf16 and self.env.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on CUDA, and on CPU when asked for (`train.mixed_precision: bf16`; CPUs with AVX512-BF16
+        or AMX run its matmuls natively); weights, gradients and optimizer states stay fp32."""
+        if self.bf16 and self.env.device.type in ("cuda", "cpu"):
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
