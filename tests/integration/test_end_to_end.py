@@ -2,10 +2,14 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
+from captions import PROJECTOR, write_questions_file
+from shapes import projector_tokens
 from vlm.cli import main
+from vlm.eval.metrics import normalize_vqa_answer
 from vlm.model import VLM
 
 
@@ -37,21 +41,45 @@ def test_log_outside_a_terminal_has_a_few_progress_lines_not_a_bar_per_step(trai
     assert "step 20: eval loss" in log
 
 
-def test_final_model_predicts_and_evaluates(trained, synthetic, capsys):
-    assert VLM.from_pretrained(trained / "final").fusion.tokens_per_image > 0
-    preds = trained / "preds.jsonl"
-    assert main(["predict", "--model", str(trained / "final"), "--data", str(synthetic["test"]),
-                 "--out", str(preds), "--max-new-tokens", "12", "--batch-size", "8"]) == 0
-    lines = [json.loads(line) for line in preds.read_text().splitlines()]
-    expected_ids = {s["id"] for s in json.loads(synthetic["test"].read_text())}
-    assert {line["id"] for line in lines} == expected_ids
+def _predict_and_eval(model: Path, data: Path, out: Path, capsys) -> tuple[dict[str, str], dict]:
+    """`vlm predict` then `vlm eval`, as a user runs them: (predictions by id, the printed metrics)."""
+    assert main(["predict", "--model", str(model), "--data", str(data), "--out", str(out),
+                 "--max-new-tokens", "32", "--batch-size", "8"]) == 0
     capsys.readouterr()
-    assert main(["eval", "--predictions", str(preds), "--data", str(synthetic["test"])]) == 0
-    metrics = json.loads(capsys.readouterr().out)
-    assert metrics["num_samples"] == len(expected_ids)
-    assert 0.0 <= metrics["vqa"]["accuracy"] <= 1.0
-    assert set(metrics["vqa"]["per_type"]) >= {"colour", "shape", "size", "count"}
-    assert "cider_d" in metrics["caption"]
+    assert main(["eval", "--predictions", str(out), "--data", str(data)]) == 0
+    predictions = {r["id"]: r["prediction"] for r in map(json.loads, out.read_text().splitlines())}
+    return predictions, json.loads(capsys.readouterr().out)
+
+
+def test_final_model_predicts_and_evaluates(trained, backbones, synthetic, capsys):
+    """40 steps teach the answer format, not the images: this model answers 'small' to almost every
+    question (measured: VQA accuracy 2/35 = 0.057, the size questions whose answer is small). So the
+    figures checked are the ones `vlm eval` must get right whatever the model knows; the accuracy floor
+    is on a model that learnt its images (the next test)."""
+    # The ViT's 8x8 patch grid (64-px images, 8-px patches); pixel_shuffle folds each 2x2 block: 16.
+    assert VLM.from_pretrained(trained / "final").fusion.tokens_per_image == projector_tokens(backbones["vit"], 2) == 16
+    predictions, metrics = _predict_and_eval(trained / "final", synthetic["test"], trained / "preds.jsonl", capsys)
+    samples = json.loads(synthetic["test"].read_text())
+    assert set(predictions) == {s["id"] for s in samples}
+    questions = [s for s in samples if s["type"] != "caption"]
+    right = [normalize_vqa_answer(predictions[s["id"]]) == normalize_vqa_answer(s["conversations"][-1]["value"])
+             for s in questions]
+    assert metrics["num_samples"] == len(samples) and metrics["vqa"]["count"] == len(questions)
+    assert metrics["vqa"]["accuracy"] == pytest.approx(sum(right) / len(questions))
+    per_type = {name: entry["count"] for name, entry in metrics["vqa"]["per_type"].items()}
+    assert per_type == {t: sum(s["type"] == t for s in questions) for t in {s["type"] for s in questions}}
+    assert metrics["caption"]["count"] == len(samples) - len(questions)
+
+
+def test_a_model_that_learnt_its_scenes_scores_high_under_vlm_eval(train_captioner, captions_file, tmp_path, capsys):
+    """The session's 120-step caption model (projector; tests/captions.py) asked its eight scenes' colour
+    and caption: measured VQA accuracy 1.0 (8/8) and BLEU-4 1.0 (every caption exact). A model that lost
+    the image answers one colour for all eight: 2/8 at best (two scenes share each of red and blue)."""
+    questions = write_questions_file(captions_file, tmp_path / "questions.json")
+    _, metrics = _predict_and_eval(train_captioner(PROJECTOR) / "final", questions, tmp_path / "preds.jsonl", capsys)
+    assert (metrics["vqa"]["count"], metrics["caption"]["count"]) == (8, 8)
+    assert metrics["vqa"]["accuracy"] >= 0.75, metrics
+    assert metrics["caption"]["bleu4"] >= 0.8, metrics
 
 
 def test_bad_config_key_is_reported_by_the_cli(tmp_path, capsys):

@@ -75,7 +75,7 @@ def mean_token_fusion():
     del _REGISTRY["test_mean_token"], _FUSIONS["test_mean_token"]
 
 
-def test_a_new_strategy_is_one_registration(mean_token_fusion, model_config, tmp_path):
+def test_a_new_strategy_is_one_registration(mean_token_fusion, untrained_model_config, tmp_path):
     """Config section, model, training hooks and saving work for a strategy no other file names."""
     from vlm.config import load_config
     from vlm.model import VLM
@@ -85,7 +85,7 @@ def test_a_new_strategy_is_one_registration(mean_token_fusion, model_config, tmp
     with pytest.raises(ValueError, match=r"Unknown config key 'model\.test_mean_token\.scael'"):
         load_config(None, ["model.test_mean_token.scael=2"])
     torch.manual_seed(0)
-    model = VLM.from_config(model_config.with_fusion("test_mean_token", scale=0.5))
+    model = VLM.from_config(untrained_model_config.with_fusion("test_mean_token", scale=0.5))
     assert isinstance(model.fusion, mean_token_fusion) and model.fusion.tokens_per_image == 1
     assert model.fusion.shard_units() == [model.fusion] and model.fusion.external_parameters() == []
     assert model.fusion.checkpointable_modules() == [model.fusion.proj]
@@ -94,10 +94,10 @@ def test_a_new_strategy_is_one_registration(mean_token_fusion, model_config, tmp
     assert VLM.from_pretrained(tmp_path / "saved").config == model.config
 
 
-def test_cross_attention_describes_its_units_and_extra_methods(model_config):
+def test_cross_attention_describes_its_units_and_extra_methods(untrained_model_config):
     from vlm.model import VLM
 
-    model = VLM.from_config(model_config.with_fusion("cross_attention", every_n_layers=1))
+    model = VLM.from_config(untrained_model_config.with_fusion("cross_attention", every_n_layers=1))
     blocks = list(model.fusion.blocks.values())
     assert model.fusion.shard_units() == [*blocks, model.fusion]
     assert {(id(m), name) for m, name in model.fusion.forward_methods()} >= {(id(b), "key_values") for b in blocks}
