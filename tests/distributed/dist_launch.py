@@ -126,3 +126,13 @@ def launch(name: str, jobs: list[dict], folder: Path, stall_s: float) -> Launch:
         result.stopped = f"the launch exited {proc.returncode}"
     result.output = log.read_text(errors="replace")
     return result
+
+
+def run_jobs(folder: Path, config: Path, jobs: list[list[str]], stall_s: float = 240) -> str:
+    """Jobs given as dotted overrides on `config`, in one launch that every one of them must finish; returns
+    the launch's output (stdout and stderr). For tests whose jobs stand or fall together."""
+    result = launch(folder.name, [{"name": str(i), "config": str(config), "overrides": job} for i, job in
+                                  enumerate(jobs)], folder, stall_s)
+    failures = [f for f in map(result.failure, result.jobs) if f]
+    assert not failures, failures[0]
+    return result.output

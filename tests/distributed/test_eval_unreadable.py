@@ -2,7 +2,7 @@
 (FSDP2 and ZeRO-3 gather weights in each), `final/` is written and the unreadable samples are counted.
 
 Before the fix, the rank whose batch held only unreadable images skipped the forward and the other waited
-in the all-gather until killed, leaving no `final/`. The launch is bounded, so a regression fails in minutes.
+in the all-gather until killed, leaving no `final/`. The launch is killed after 240 s without progress, so a regression fails in minutes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from torchrun_jobs import run_jobs
+from dist_launch import run_jobs
 
 STRATEGIES = ("fsdp2", "zero3")
 BAD_ON = {"rank0": (0, 2), "rank1": (1, 3)}
@@ -54,7 +54,7 @@ train: {{stage: finetune, max_steps: 2, batch_size: 4, eval_batch_size: 2, lr: 1
                      f"output_dir={root / f'{strategy}-rank0'}"])
         jobs.append([f"train.strategy={strategy}", f"data.eval_files=[{files['rank1']}]", "train.max_steps=3",
                      "train.eval_every=2", f"output_dir={root / f'{strategy}-rank1'}"])
-    return {"root": root, "log": run_jobs(config, jobs, timeout=420)}
+    return {"root": root, "log": run_jobs(root / "launch", config, jobs)}
 
 
 @pytest.mark.parametrize("bad_on", list(BAD_ON))

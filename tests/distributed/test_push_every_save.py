@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hub_standin import TOKEN, running_hub
-from torchrun_jobs import run_jobs
+from dist_launch import run_jobs
 from vlm.config import load_config
 from vlm.data.collator import Collator
 from vlm.data.formats import read_samples
@@ -56,7 +56,7 @@ hub: {{push: true, strategy: every_save, endpoint: {hub.url}}}
         train(load_config(config, job(name, 4, extra)))
     jobs = [job(s, 2, [f"train.strategy={s}"]) for s in SHARDED]
     jobs += [job("fsdp2-lora", 2, ["train.strategy=fsdp2", *LORA]), job("ddp-adapter", 2, ["train.strategy=ddp", *ADAPTER])]
-    run_jobs(config, jobs, timeout=480, env=env)
+    run_jobs(root / "launch", config, jobs)
     return {"root": root, "hub": hub}
 
 
