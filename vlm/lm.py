@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from .config_parsing import ConfigError
-from .weights import load_exactly
+from .weights import WeightsError, load_exactly
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,23 @@ def load_language_model(
     """Any AutoModelForCausalLM by hub id or local folder (a transformers folder, or a folder holding one
     `.gguf` file, dequantised to float32 by transformers' GGUF loader), with its tokenizer."""
     source = gguf_source(spec)
-    tokenizer = load_lm_tokenizer(spec, trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(
-        spec, trust_remote_code=trust_remote_code, dtype=torch.float32, **source
-    )
-    if source:
-        lm = dequantized_copy(lm, f"model.lm='{spec}' ({source['gguf_file']})")
-    return lm, tokenizer
+    if not source:
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        return lm, tokenizer
+    where = f"model.lm='{spec}' ({source['gguf_file']})"
+    try:
+        tokenizer = load_lm_tokenizer(spec, trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(
+            spec, trust_remote_code=trust_remote_code, dtype=torch.float32, **source
+        )
+    except Exception as err:  # the GGUF reader raises many kinds (ValueError, KeyError, struct.error, ...)
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{where} does not load through transformers' GGUF reader: {said}") from None
+    try:
+        return dequantized_copy(lm, where), tokenizer
+    except WeightsError as err:
+        raise ConfigError(str(err)) from None
 
 
 def dequantized_copy(lm: PreTrainedModel, source: str) -> PreTrainedModel:

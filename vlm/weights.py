@@ -23,7 +23,9 @@ def load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     missing = [k for k in expected if k not in state_dict]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightsError(f"{source}: no tensor for '{missing[0]}'{more}; the file is not this architecture's weights.")
+        raise WeightsError(
+            f"{source}: no tensor for '{missing[0]}'{more}; the file is not this architecture's weights."
+        )
     extra = [k for k in state_dict if k not in expected]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
@@ -31,6 +33,7 @@ def load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise WeightsError(
-                f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}."
+                f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}."
             )
     model.load_state_dict(state_dict, strict=True)

@@ -139,3 +139,11 @@ def test_a_folder_with_two_gguf_files_is_a_config_error(tmp_path):
     assert gguf_source(str(tmp_path)) == {"gguf_file": "a.Q4_1.gguf"}
     (tmp_path / "config.json").write_text("{}")  # a transformers folder: its own files, not the GGUF
     assert gguf_source(str(tmp_path)) == {}
+
+
+def test_a_gguf_folder_that_does_not_load_is_a_config_error(tmp_path):
+    from vlm.lm import load_language_model
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ConfigError, match=r"^model.lm='.*' \(model.gguf\) does not load through transformers' GGUF reader"):
+        load_language_model(str(tmp_path))

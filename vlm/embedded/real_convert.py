@@ -90,7 +90,9 @@ def check_lm(folder: Path, reference, reference_tokenizer) -> dict:
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         if not torch.equal(ids["input_ids"], ref_ids["input_ids"]):
-            raise ConversionError(f"{folder}: the saved tokenizer encodes the prompt {prompt!r} differently from the GGUF file's.")
+            raise ConversionError(
+                f"{folder}: the saved tokenizer encodes the prompt {prompt!r} differently from the GGUF file's."
+            )
         got = _greedy(model, ids["input_ids"], model.generation_config.eos_token_id)
         want = _greedy(reference.eval(), ref_ids["input_ids"], reference.generation_config.eos_token_id)
         if got != want:
