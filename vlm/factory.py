@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
 
 from .config import DataConfig, ModelConfig
 from .encoders import load_vision_encoder
 from .fusion import LMShape, VisionShape, build_fusion
-from .lm import prepare_tokenizer
+from .lm import load_lm_config, load_lm_tokenizer, prepare_tokenizer
 from .model import VLM
 from .processor import VLMProcessor
 
@@ -62,9 +61,9 @@ def build_processor(config: ModelConfig, data: DataConfig | None = None) -> VLMP
     vision = load_vision_encoder(
         config.vision, config.vision_feature_layer, config.vision_drop_prefix_tokens, config.trust_remote_code
     )
-    tokenizer = AutoTokenizer.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_lm_tokenizer(config.lm, config.trust_remote_code)
     prepare_tokenizer(tokenizer, config.image_token)
-    lm_config = AutoConfig.from_pretrained(config.lm, trust_remote_code=config.trust_remote_code)
+    lm_config = load_lm_config(config.lm, config.trust_remote_code)
     with torch.device("meta"):  # only its tokens_per_image is read: allocate nothing
         fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm_config))
     return VLMProcessor(

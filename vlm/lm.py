@@ -1,15 +1,22 @@
-"""Load the causal LM and prepare its tokenizer: `<image>` token, chat template, padding."""
+"""Load the causal LM (transformers folder, hub id or GGUF file) and prepare its tokenizer: `<image>` token,
+chat template, padding."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
 
+from .config_parsing import ConfigError
 from .data.content import ensure_parts_template
+from .weights import WeightsError, load_exactly
 
 logger = logging.getLogger(__name__)
 
@@ -57,32 +64,103 @@ def upgrade_chat_template(tokenizer: PreTrainedTokenizerBase, image_token: str) 
     ensure_parts_template(tokenizer, image_token)
 
 
+def gguf_source(spec: str) -> dict[str, str]:
+    """`{"gguf_file": name}` when `spec` is a local folder with no config.json holding one `.gguf` file (a
+    llama.cpp download), else `{}`: the keyword that makes transformers' own loaders read the GGUF file."""
+    path = Path(spec)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return {}
+    found = sorted(p.name for p in path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ConfigError(
+            f"model.lm='{spec}' holds {len(found)} .gguf files ({', '.join(found)}); "
+            "point model.lm at a folder with exactly one."
+        )
+    return {"gguf_file": found[0]} if found else {}
+
+
+def load_lm_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The LM's tokenizer (from its GGUF file's metadata for a GGUF folder), chat template included."""
+    return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code, **gguf_source(spec))
+
+
+def load_lm_config(spec: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The LM's config without its weights (a GGUF folder's from the file's metadata)."""
+    return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, **gguf_source(spec))
+
+
 def load_language_model(
     spec: str, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any AutoModelForCausalLM by hub id or local folder, with its tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    return lm, tokenizer
+    """Any AutoModelForCausalLM by hub id or local folder (a transformers folder, or a folder holding one
+    `.gguf` file, dequantised to float32 by transformers' GGUF loader), with its tokenizer."""
+    source = gguf_source(spec)
+    if not source:
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        return lm, tokenizer
+    where = f"model.lm='{spec}' ({source['gguf_file']})"
+    try:
+        tokenizer = load_lm_tokenizer(spec, trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(
+            spec, trust_remote_code=trust_remote_code, dtype=torch.float32, **source
+        )
+    except Exception as err:  # the GGUF reader raises many kinds (ValueError, KeyError, struct.error, ...)
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{where} does not load through transformers' GGUF reader: {said}") from None
+    try:
+        return dequantized_copy(lm, where), tokenizer
+    except WeightsError as err:
+        raise ConfigError(str(err)) from None
+
+
+def dequantized_copy(lm: PreTrainedModel, source: str) -> PreTrainedModel:
+    """The same weights in a plain model of the same config.
+
+    transformers loads a GGUF file's weights dequantised but leaves the model flagged as GGUF-quantised
+    (`config.quantization_config`, `hf_quantizer`), and `save_pretrained` refuses such a model; a model built
+    from the config without that flag, holding every tensor, saves and trains like any other.
+    source: names the file in the one-line error when a tensor does not fit (`vlm.weights.load_exactly`).
+    """
+    config = copy.deepcopy(lm.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    load_exactly(plain, lm.state_dict(), source)
+    plain.generation_config = copy.deepcopy(lm.generation_config)
+    return plain
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str) -> str | None:
     """Add the image token, a chat template if there is none, and a pad token.
 
-    Returns the end-of-turn token when the project's default template was applied (the LM
-    must then also stop generating at it), else None.
+    Tokens the vocabulary already has (an instruct LM's own `<|im_start|>` / `<|im_end|>`) are reused, never
+    added again, and the LM's own chat template (with its default system prompt, if any) is kept; the log says
+    what was added and what reused. Returns the end-of-turn token when the project's default template was
+    applied (the LM must then also stop generating at it), else None.
     """
-    added = [image_token]
+    vocab = tokenizer.get_vocab()
+    wanted = [image_token]
     end_of_turn = None
     if not tokenizer.chat_template:
         logger.info("Tokenizer has no chat template: using the project's default (ChatML).")
         tokenizer.chat_template = chat_template(image_token)
-        added += [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
+        wanted += CHATML_TOKENS
         end_of_turn = "<|im_end|>"
     elif ensure_parts_template(tokenizer, image_token):
-        logger.info("The LM's chat template takes string content only: list-of-parts content is rendered "
-                    "as the data readers render it (vlm/data/content.py).")
-    tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+        logger.info("Tokenizer has its own chat template, for string content only: using it, with list-of-parts "
+                    "content rendered as the data readers render it (vlm/data/content.py).")
+    else:
+        logger.info("Tokenizer has its own chat template: using it as it is.")
+    added = [t for t in wanted if t not in vocab]
+    reused = [t for t in CHATML_TOKENS if t in vocab and t in tokenizer.chat_template]
+    # The image token is always registered as special (one token however the text around it splits).
+    special = [image_token, *(t for t in added if t != image_token)]
+    tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+    logger.info(
+        "Tokenizer: added %s to the %d-token vocabulary%s.", ", ".join(added) or "nothing", len(vocab),
+        f"; already there, reused: {', '.join(reused)}" if reused else "",
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return end_of_turn

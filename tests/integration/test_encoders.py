@@ -72,3 +72,42 @@ def test_unrecognised_spec_says_what_to_write(tmp_path):
         load_vision_encoder(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="no config.json"):
         load_vision_encoder(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def cnn_folder(tmp_path_factory):
+    """A timm CNN folder (tf_efficientnet_lite0, random weights): the shape of the real EfficientNet tower."""
+    from timm.models import save_for_hf
+
+    folder = tmp_path_factory.mktemp("cnn")
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model("tf_efficientnet_lite0", pretrained=False).eval(), str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("layer, grid, width", [(-1, 7, 320), (-2, 14, 112)])
+def test_cnn_feature_layer_counts_feature_stages(cnn_folder, layer, grid, width):
+    """On a CNN, model.vision_feature_layer indexes timm's feature stages (EfficientNet: 5 of its 7 block groups);
+    the tokens are the stage's map flattened row by row, equal to timm's own features_only output."""
+    encoder = load_vision_encoder(str(cnn_folder), feature_layer=layer)
+    assert (encoder.num_patches, encoder.hidden_size, encoder.grid_size) == (grid * grid, width, (grid, grid))
+    reference = timm.create_model(f"local-dir:{cnn_folder}", pretrained=True, features_only=True,
+                                  out_indices=(layer % 5,)).eval()
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(pixels)[0].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(encoder(pixels), expected)
+
+
+def test_cnn_feature_layer_out_of_range_names_the_stages(cnn_folder):
+    with pytest.raises(ValueError, match="outside the 5 feature stages"):
+        load_vision_encoder(str(cnn_folder), feature_layer=-6)
+
+
+def test_feature_cache_fingerprints_a_tower_with_batch_norm(cnn_folder):
+    """BatchNorm's 0-dim num_batches_tracked buffer is hashed too (it once made the fingerprint raise)."""
+    from vlm.data.feature_cache import encoder_fingerprint
+
+    one, other = load_vision_encoder(str(cnn_folder), -1), load_vision_encoder(str(cnn_folder), -2)
+    assert encoder_fingerprint(one) == encoder_fingerprint(load_vision_encoder(str(cnn_folder), -1))
+    assert encoder_fingerprint(one) != encoder_fingerprint(other)

@@ -15,11 +15,10 @@ import random
 import pytest
 import torch
 
-from vlm.data.collator import Collator
 from vlm.data.sample import Sample
 from captions import SCENES, STRATEGIES
+from greedy import assert_greedy_is_teacher_forced_argmax
 from vlm.embedded.synthetic import caption, render_scene
-from vlm.factory import processor_for
 from vlm.pipeline import Pipeline
 from vlm.model import VLM
 
@@ -37,39 +36,9 @@ def _samples() -> list[Sample]:
             for i, (p, s) in enumerate(zip(PROMPTS, SCENES[::2]))]
 
 
-def _generate_tokens(model: VLM, samples: list[Sample], max_new_tokens: int = 16) -> list[list[int]]:
-    """Each sample's new tokens up to and including the first end token, from one left-padded batch."""
-    batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(s, for_generation=True) for s in samples])
-    embeds, features = model.embed(batch["input_ids"], batch["pixel_values"])
-    new = model.fusion.lm_generate(
-        model.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"], image_features=features,
-        image_mask=batch["input_ids"] == model.image_token_id, max_new_tokens=max_new_tokens, do_sample=False,
-    )
-    new = getattr(new, "sequences", new)
-    eos = model.lm.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos)
-    out = []
-    for row in new.tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        out.append(row[:end])
-    return out
-
-
-@torch.no_grad()
 def test_greedy_generation_equals_the_teacher_forced_argmax(trained: VLM):
-    samples = _samples()
-    generated = _generate_tokens(trained, samples)
+    generated = assert_greedy_is_teacher_forced_argmax(trained, _samples())
     assert any(len(tokens) > 2 for tokens in generated), generated
-    for sample, tokens in zip(samples, generated):
-        prompt = processor_for(trained)(sample, for_generation=True)
-        ids = torch.cat([prompt["input_ids"], torch.tensor(tokens, dtype=torch.long)]).unsqueeze(0)
-        logits = trained(ids, torch.ones_like(ids), prompt["pixel_values"], full_logits=True).logits[0]
-        start = prompt["input_ids"].shape[0] - 1  # the logit at position t predicts token t + 1
-        argmax = logits[start:start + len(tokens)].argmax(-1).tolist()
-        assert argmax == tokens, (
-            f"{sample.id}: generated {trained.tokenizer.decode(tokens)!r}, teacher-forced argmax "
-            f"{trained.tokenizer.decode(argmax)!r}"
-        )
 
 
 @torch.no_grad()

@@ -37,7 +37,8 @@ def encoder_fingerprint(vision: VisionEncoder) -> str:
     digest.update(repr(sorted(vision.preprocessing_config().items())).encode())
     for name, tensor in sorted(vision.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a 0-dim buffer (BatchNorm's num_batches_tracked) cannot be viewed as bytes as it is.
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -37,7 +37,11 @@ class VisionEncoder(nn.Module, ABC):
         """Leading CLS / register tokens of the backbone's output that are dropped (`drop_prefix_tokens`)."""
 
     def _measure(self, image_size: tuple[int, int]) -> None:
-        """Record the output shape by running one blank image (cheaper than model-specific arithmetic)."""
+        """Record the output shape by running one blank image (cheaper than model-specific arithmetic).
+
+        In eval mode: libraries return models in training mode, where a BatchNorm tower would fold the blank
+        image into its running statistics and change every feature after it."""
+        self.eval()
         with torch.no_grad():
             out = self._features(torch.zeros(1, 3, *image_size))
         self.image_size = (int(image_size[0]), int(image_size[1]))

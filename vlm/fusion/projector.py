@@ -56,7 +56,8 @@ class ProjectorFusion(Fusion):
         if grid[0] % self.factor or grid[1] % self.factor:
             raise ConfigError(
                 f"model.projector.pixel_shuffle_factor={self.factor} does not divide the {grid[0]}x{grid[1]} "
-                "patch grid; choose a divisor."
+                "patch grid; choose a divisor, or a model.vision_feature_layer whose grid it divides (on a CNN the "
+                "stage before the last has twice the grid: EfficientNet-Lite0's -2 is 14x14 at 224 px)."
             )
         in_dim = self.vision_dim * self.factor * self.factor
         if self.kind == "mlp2x_gelu":
