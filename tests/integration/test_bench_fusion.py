@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from shapes import projector_tokens
 from vlm.cli import main
+from vlm.eval.metrics import vqa_accuracy
 
 CONDITIONS = ["clean", "no_image", "no_note", "no_image_no_note",
               *(f"{kind}{s}" for kind in ("noise", "blur", "occlusion") for s in (1, 2, 3))]
@@ -36,7 +39,18 @@ def bench(backbones, tmp_path_factory):
     return code, out
 
 
-def test_bench_fusion_writes_every_column_and_plot_and_records_a_failure(bench):
+def _accuracy_on_disk(run: Path, condition: str, test_file: str, folder: str = "predictions") -> float:
+    """A condition's accuracy over its non-conflict questions, scored here from the run's answers on disk
+    (every question must have one)."""
+    lines = (run / folder / f"{condition}.jsonl").read_text().splitlines()
+    answers = {item["id"]: item["prediction"] for item in map(json.loads, lines)}
+    records = [r for r in json.loads(Path(test_file).read_text()) if r["evidence"] != "conflict"]
+    return sum(vqa_accuracy(answers[r["id"]], r["answers"]) for r in records) / len(records)
+
+
+def test_bench_fusion_writes_every_column_and_plot_and_records_a_failure(bench, backbones):
+    """Four steps teach these models next to nothing (measured: accuracies 0 to 0.067), so no accuracy
+    floor here; each figure must be what the run's own answers on disk score."""
     code, out = bench
     assert code == 1  # one strategy failed
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -48,20 +62,27 @@ def test_bench_fusion_writes_every_column_and_plot_and_records_a_failure(bench):
                  "train_s", "eval_s", "wall_s"}
     expected |= {"clean:trust_image", "clean:trust_note"} if conflicts else set()
     assert expected <= set(rows[0])
+    conditions = json.loads((out / "data" / "conditions.json").read_text())["conditions"]
+    files = {name: spec["file"] for name, spec in conditions.items()}
+    runs = {r["name"]: out / "runs" / f"{r['name']}__{r['regime']}__drop{1 if r['name'] == 'text_only' else 0}__seed0"
+            for r in rows[:4]}
     for row in rows[:4]:
         assert row["status"] == "ok", row["error"]
         for condition in CONDITIONS:
-            assert 0 <= float(row[f"{condition}:all"]) <= 1
+            scored = _accuracy_on_disk(runs[row["name"]], condition, files[condition])
+            assert float(row[f"{condition}:all"]) == pytest.approx(scored), (row["name"], condition)
         assert float(row["text_loss"]) > 0 and float(row["peak_mem_mb"]) > 100
     for row in rows[1:4]:  # trained jobs
         assert 0 < int(row["trainable_params"]) <= int(row["total_params"])
         assert int(row["steps"]) == 4 and float(row["step_ms"]) > 0 and float(row["tokens_s"]) > 0
-        assert 0 <= float(row["budget:clean:all"]) <= 1
+        budget = _accuracy_on_disk(runs[row["name"]], "clean", files["clean"], "budget/predictions")
+        assert float(row["budget:clean:all"]) == pytest.approx(budget)
         floor = float(rows[1]["no_image:all"])  # the text-only row; a ratio to a zero floor is left empty
         assert row["graceful"] == "" if floor == 0 else float(row["graceful"]) == float(row["no_image:all"]) / floor
-        run = f"{row['name']}__finetune__drop{1 if row['name'] == 'text_only' else 0}__seed0"
-        assert (out / "runs" / run / "final" / "model.safetensors").is_file()
-    assert int(rows[2]["tokens_per_image"]) > 0 and rows[3]["tokens_per_image"] == "0"  # late adds no positions
+        assert (runs[row["name"]] / "final" / "model.safetensors").is_file()
+    # The linear projector: one position per patch of the ViT's 8x8 grid; late fusion adds none.
+    assert int(rows[2]["tokens_per_image"]) == projector_tokens(backbones["vit"]) == 64
+    assert rows[3]["tokens_per_image"] == "0"
     assert rows[4]["status"] == "failed" and "not a registered strategy" in rows[4]["error"]
 
     table = (out / "results.md").read_text()
