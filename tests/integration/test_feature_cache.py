@@ -55,9 +55,9 @@ def test_corrupt_entries_are_rebuilt_and_keys_follow_content(tiny_vlm, synthetic
 
 
 def test_cache_refuses_a_trained_encoder(backbones, synthetic, tmp_path, monkeypatch):
-    import vlm.train.loop as loop
+    import vlm.train.freezing as freezing
 
-    monkeypatch.setitem(loop.apply_stage.__globals__["STAGES"], "align", {"vision": True, "fusion": True, "lm": False})
+    monkeypatch.setitem(freezing.STAGES, "align", {"vision": True, "fusion": True, "lm": False})
     with pytest.raises(ValueError, match="needs a frozen vision encoder"):
         run(backbones, synthetic, tmp_path / "x", cache=True)
 

@@ -124,7 +124,15 @@ def test_a_few_steps_of_the_real_recipe_lower_the_loss(trained):
 
 def test_greedy_generation_equals_the_teacher_forced_argmax(trained, synthetic):
     model = VLM.from_pretrained(trained / "final").eval()  # LoRA merged, as a user loads it
-    assert model.tokenizer.chat_template.startswith("{% for message in messages %}{% if loop.first and messages[0]")
+    # SmolLM2's own template (string content only) is kept, behind the preamble that renders list-of-parts
+    # content as the data readers do: parts and the string give the same ids, default system prompt included.
+    tokenizer = model.tokenizer
+    assert "{% for message in messages %}{% if loop.first and messages[0]" in tokenizer.chat_template
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    string = [{"role": "user", "content": "<image>\nWhat colour is it?"}]
+    rendered = tokenizer.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
+    assert rendered == tokenizer.apply_chat_template(string, tokenize=False, add_generation_prompt=True)
+    assert "You are a helpful AI assistant named SmolLM" in rendered
     samples = read_samples(synthetic["eval"])[0][:3]
     generated = assert_greedy_is_teacher_forced_argmax(model, samples, max_new_tokens=12)
     assert all(tokens for tokens in generated)

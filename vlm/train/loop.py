@@ -31,11 +31,9 @@ from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
 from ..data.sample import DataError
 from ..data.samplers import ResumableSampler, training_sampler
-from ..factory import build
 from ..hub.publish import LATEST_DIR, TrainingPublisher
 from ..image_slots import with_placeholder
 from ..model import VLM
-from ..processor import VLMProcessor
 from ..progress import progress_bar
 from .batches import (Batch, first_readable_item, make_loader, micro_batches, model_inputs, supervised_tokens,
                       to_device, zero_weight)
@@ -44,9 +42,8 @@ from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, tea
 from .early_stopping import check_early_stopping, eval_progress
 from .eval_generate import check_eval_generate, generation_metrics, tracker_values
 from .evaluation import count_skipped, eval_loss, final_retention
-from .freezing import apply_stage
+from .final import build_model, full_model, write_model_folder
 from .launch_env import apply_launcher_settings
-from .lora import save_final
 from .optim import TrainingAborted, Updater, build_optimizer
 from .sharding import build_strategy
 from .signals import StopRequest
@@ -71,14 +68,6 @@ def train(config: Config, on_step: Optional[Callable[["Trainer"], None]] = None)
     finally:
         trainer.cleanup()
         teardown(env)
-
-
-def build_model(config: Config) -> tuple[VLM, VLMProcessor]:
-    """The VLM with its trainable parts decided (stage, freezing), and its processor with the data settings;
-    the same call at start and at export."""
-    model, processor = build(config.model, config.data)
-    apply_stage(model, config.train)  # stage, train.freeze, and LoRA adapters when train.lora.enabled
-    return model, processor
 
 
 @dataclass
@@ -339,28 +328,11 @@ class Trainer:
                                self.output_dir, self.config.train.save_total_limit)
         hub = self.config.hub
         if hub.push and hub.strategy == "every_save":
-            model = self._full_model(separate=True)  # collective under fsdp2 / zero3
+            model = full_model(self.strategy, self.env, self.config, separate=True)  # collective: fsdp2 / zero3
             if self.env.is_main:
-                folder = self._write_model_folder(model, self.output_dir / LATEST_DIR)
+                folder = write_model_folder(model, self.output_dir / LATEST_DIR, self.config)
                 self.publisher.on_save(folder, self.state.step)
         return path
-
-    def _full_model(self, separate: bool) -> VLM | None:
-        """Collective: on the main process, a VLM holding every trained weight, unsharded (None elsewhere).
-        `separate`: never the model being trained (merging LoRA into it or saving cannot touch training)."""
-        full = self.strategy.full_state_dict()
-        if not self.env.is_main:
-            return None
-        if self.strategy.replicated and not separate:
-            return self.strategy.unwrapped()
-        model = build_model(self.config)[0]
-        model.load_state_dict(full)
-        return model
-
-    def _write_model_folder(self, model: VLM, folder: Path) -> Path:
-        """What `final/` holds: a VLM folder, LoRA merged, or an adapter folder with export.merge_lora=false."""
-        config = self.config
-        return save_final(model, folder, merge=config.export.merge_lora, base=config.model.init_from or config.model.pretrained)
 
     # -- the end -------------------------------------------------------------------------------------
 
@@ -386,9 +358,9 @@ class Trainer:
             summary.update({f"eval_{k}": v for k, v in state.eval_history[-1].items() if k in GENERATION_SUMMARY})
         best = eval_progress(state.eval_history, config.train.early_stopping_min_delta)
         summary.update(best_eval_step=best.best_step, best_eval_loss=best.best_loss, stopped_early=self.stopped_early)
-        model = self._full_model(separate=False)  # collective for sharded strategies
+        model = full_model(strategy, env, config, separate=False)  # collective for sharded strategies
         if env.is_main:
-            self._write_model_folder(model, self.output_dir / "final")
+            write_model_folder(model, self.output_dir / "final", config)
             if config.train.eval_retention:
                 summary["retention"] = final_retention(self.output_dir / "final", config.train.eval_max_new_tokens)
             details = {"history": history, "eval_history": state.eval_history, "bad_step_samples": state.bad_steps}
