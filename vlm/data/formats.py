@@ -26,7 +26,7 @@ from .content import content_text, with_image_tags
 from .describe import describe as _kind, short as _short
 from .hf_datasets import DatasetImage
 from .readers import reader_for
-from .sample import IMAGE_TAG, DataError, ImageRef, Sample, SampleError
+from .sample import DataError, ImageRef, Sample, SampleError
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 DEFAULT_CAPTION_PROMPT = DataConfig.caption_prompt

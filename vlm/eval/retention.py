@@ -17,6 +17,7 @@ import torch
 
 from ..data.collator import Collator
 from ..data.sample import Sample
+from ..loss import count_supervised
 from ..model import VLM
 from ..processor import VLMProcessor
 
@@ -53,7 +54,7 @@ def reply_loss(model: VLM, processor: VLMProcessor, prompts: list[str], replies:
     for start in range(0, len(pairs), batch_size):
         items = [processor(_turns(f"chat-{start + i}", p, r)) for i, (p, r) in enumerate(pairs[start:start + batch_size])]
         batch = collate(items)
-        count = int((batch["labels"][:, 1:] != -100).sum())
+        count = count_supervised(batch["labels"])
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     num_items_in_batch=torch.tensor(count))
         total, tokens = total + float(out.loss) * count, tokens + count

@@ -17,6 +17,7 @@ from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.packing import PackingCollator
 from ..data.sample import DataError
+from ..image_slots import with_placeholder
 from ..loss import IGNORE_INDEX, count_supervised
 from .state import DataPosition
 
@@ -77,6 +78,12 @@ def supervised_tokens(batch: Batch) -> int:
 
 def to_device(inputs: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def forward_inputs(batch: Batch, vision: torch.nn.Module, cached: bool, device: torch.device) -> Batch:
+    """What the model's forward takes from a collated batch, on `device`; a text-only batch gets the tower's
+    placeholder image (vlm/image_slots.py), so every rank's forward reaches the same weights."""
+    return to_device(with_placeholder(model_inputs(batch), vision, cached), device)
 
 
 def zero_weight(batch: Batch) -> Batch:

@@ -14,8 +14,7 @@ from typing import Iterable
 import torch
 
 from ..factory import processor_for
-from ..image_slots import with_placeholder
-from .batches import Batch, model_inputs, supervised_tokens, to_device
+from .batches import Batch, forward_inputs, supervised_tokens
 from .distributed import DistEnv, all_reduce_sum, gather_objects
 from .sharding.base import Strategy
 
@@ -33,7 +32,7 @@ def eval_loss(strategy: Strategy, batches: Iterable[Batch], env: DistEnv, cached
     for batch in batches:
         skipped.update({item["skipped"]: item["category"] for item in batch["skipped"]})
         tokens = supervised_tokens(batch)
-        inputs = to_device(with_placeholder(model_inputs(batch), strategy.unwrapped().vision, cached), env.device)
+        inputs = forward_inputs(batch, strategy.unwrapped().vision, cached, env.device)
         with strategy.autocast():
             out = module(**inputs, num_items_in_batch=torch.tensor(max(tokens, 1), device=env.device))
         total += torch.tensor([float(out.loss) * max(tokens, 1), tokens], dtype=torch.float64)

@@ -32,11 +32,10 @@ from ..data.formats import read_samples
 from ..data.sample import DataError
 from ..data.samplers import ResumableSampler, training_sampler
 from ..hub.publish import LATEST_DIR, TrainingPublisher
-from ..image_slots import with_placeholder
 from ..model import VLM
 from ..progress import progress_bar
-from .batches import (Batch, first_readable_item, make_loader, micro_batches, model_inputs, supervised_tokens,
-                      to_device, zero_weight)
+from .batches import (Batch, first_readable_item, forward_inputs, make_loader, micro_batches, supervised_tokens,
+                      zero_weight)
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .early_stopping import check_early_stopping, eval_progress
@@ -249,7 +248,7 @@ class Trainer:
             ids += batch["ids"]
             if batch["ids"]:  # not the weight-0 stand-in of a batch whose samples were all unreadable
                 self.fallback = batch
-            inputs = to_device(with_placeholder(model_inputs(batch), self.model.vision, cached), env.device)
+            inputs = forward_inputs(batch, self.model.vision, cached, env.device)
             with strategy.micro_batch(last=i == len(micro) - 1):
                 with strategy.autocast():
                     out = strategy.model(**inputs, num_items_in_batch=global_tokens)
@@ -259,8 +258,7 @@ class Trainer:
                     loss_sum += float(out.loss.detach()) * float(global_tokens)
                 elif strategy.backward_every_micro_batch:
                     # DeepSpeed's accumulation boundary needs a backward: a finite, zero-weight one.
-                    replay = to_device(with_placeholder(model_inputs(zero_weight(self.fallback)), self.model.vision, cached),
-                                       env.device)
+                    replay = forward_inputs(zero_weight(self.fallback), self.model.vision, cached, env.device)
                     with strategy.autocast():
                         strategy.backward(strategy.model(**replay, num_items_in_batch=global_tokens).loss)
         totals = all_reduce_sum(torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64), env)
