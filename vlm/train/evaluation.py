@@ -29,13 +29,15 @@ def eval_loss(strategy: Strategy, batches: Iterable[Batch], env: DistEnv, cached
     module.eval()
     total = torch.zeros(2, dtype=torch.float64)
     skipped: dict[str, str] = {}
+    vision = strategy.unwrapped().vision
     for batch in batches:
         skipped.update({item["skipped"]: item["category"] for item in batch["skipped"]})
         tokens = supervised_tokens(batch)
-        inputs = forward_inputs(batch, strategy.unwrapped().vision, cached, env.device)
+        weight = max(tokens, 1)  # a weight-0 stand-in has no supervised token: its loss is 0 either way
+        inputs = forward_inputs(batch, vision, cached, env.device)
         with strategy.autocast():
-            out = module(**inputs, num_items_in_batch=torch.tensor(max(tokens, 1), device=env.device))
-        total += torch.tensor([float(out.loss) * max(tokens, 1), tokens], dtype=torch.float64)
+            out = module(**inputs, num_items_in_batch=torch.tensor(weight, device=env.device))
+        total += torch.tensor([float(out.loss) * weight, tokens], dtype=torch.float64)
     module.train()
     total = all_reduce_sum(total, env)
     return float(total[0] / total[1].clamp(min=1)), skipped
