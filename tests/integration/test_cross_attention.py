@@ -207,6 +207,30 @@ def test_align_step_trains_the_gated_blocks_and_not_the_lm(model_config):
     torch.testing.assert_close(marker.detach(), model.lm.get_input_embeddings().weight[model.image_token_id])
 
 
+def test_gate_lr_scale_steps_the_gates_faster_than_the_rest(model_config):
+    from vlm.config import Config, TrainConfig
+    from vlm.train.freezing import apply_stage
+    from vlm.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = VLM.from_config(model_config.with_fusion("cross_attention", every_n_layers=2, gate_lr_scale=10.0))
+    apply_stage(model, "align")
+    optimizer = build_optimizer(model, Config(train=TrainConfig(stage="align", fusion_lr=1e-3)))
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    gates = {id(g) for b in model.fusion.blocks.values() for g in (b.attn_gate, b.ffn_gate)}
+    assert gates and all(lr_of[i] == pytest.approx(1e-2) for i in gates)
+    assert {lr_of[id(p)] for p in model.fusion.parameters() if id(p) not in gates} == {1e-3}
+    # One Adam step moves a parameter with a gradient by about its learning rate: the gates by 1e-2, from 0, the
+    # <image> marker's row by 1e-3 (the blocks themselves get no gradient while their gates are exactly 0).
+    batch = batch_of(model.train(), MIXED)
+    before = {n: p.detach().clone() for n, p in model.fusion.named_parameters()}
+    forward(model, batch, labels=batch["labels"]).loss.backward()
+    optimizer.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.fusion.named_parameters()}
+    assert all(v == pytest.approx(1e-2, rel=1e-3) for n, v in moved.items() if n.endswith("_gate")), moved
+    assert moved["image_embedding"] == pytest.approx(1e-3, rel=1e-2)
+
+
 @torch.no_grad()
 def test_perceiver_resampler_gives_a_fixed_number_of_visual_tokens(model_config):
     torch.manual_seed(0)

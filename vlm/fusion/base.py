@@ -22,6 +22,7 @@ own submodules' `forward`):
   FSDP2 must register so it gathers the parameters for them;
 - `external_parameters()`: parameters used directly rather than through a submodule's forward,
   which ZeRO-3 must fetch whenever the VLM runs;
+- `lr_scales()`: learning-rate multipliers for some of its parameters, by name (e.g. cross-attention's gates);
 - `checkpointable_modules()`: submodules whose activations gradient checkpointing may recompute;
 - `export_layers(fmt)`: the layers a foreign format needs (e.g. llava-hf's two projector linears),
   or a one-line reason why this fusion cannot be written in it.
@@ -172,6 +173,11 @@ class Fusion(nn.Module, ABC):
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters used directly (not through a submodule's forward): the fusion's own, by default."""
         return list(self.parameters(recurse=False))
+
+    def lr_scales(self) -> dict[str, float]:
+        """Multipliers of `train.fusion_lr` for some parameters, keyed by their names inside the fusion (the
+        names sharding keeps); every other parameter trains at `train.fusion_lr` itself."""
+        return {}
 
     def checkpointable_modules(self) -> list[nn.Module]:
         """What `train.gradient_checkpointing_components: [fusion]` recomputes: the repeated blocks (children

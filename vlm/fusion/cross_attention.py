@@ -142,6 +142,9 @@ class CrossAttentionOptions(FusionOptions):
     """Perceiver-resampler layers before the blocks; 0: none, the blocks read the patch tokens (projected)."""
     resampler_latents: int = 64
     """With `resampler_depth` >= 1: visual tokens per image (learned latents)."""
+    gate_lr_scale: float = 1.0
+    """The tanh gates' learning rate as a multiple of `train.fusion_lr`. Both gates start at 0, so a block's
+    output and its gate each wait on the other to grow; a larger step opens the gates sooner."""
 
     legacy_keys = {
         "cross_attn_every_n_layers": "every_n_layers", "cross_attn_heads": "heads",
@@ -153,6 +156,8 @@ class CrossAttentionOptions(FusionOptions):
             raise ConfigError(f"model.cross_attention.every_n_layers must be >= 1, got {self.every_n_layers}.")
         if self.heads is not None and self.heads < 1:
             raise ConfigError(f"model.cross_attention.heads must be >= 1 or null, got {self.heads}.")
+        if self.gate_lr_scale <= 0:
+            raise ConfigError(f"model.cross_attention.gate_lr_scale must be > 0, got {self.gate_lr_scale}.")
         if self.resampler_depth < 0 or self.resampler_latents < 1:
             raise ConfigError(
                 "model.cross_attention.resampler_depth must be >= 0 and model.cross_attention.resampler_latents "
@@ -176,6 +181,7 @@ class CrossAttentionFusion(Fusion):
             PerceiverResampler(self.vision_dim, options.resampler_depth, options.resampler_latents)
             if options.resampler_depth > 0 else None
         )
+        self.gate_lr_scale = options.gate_lr_scale
         self.visual_norm = nn.LayerNorm(self.vision_dim)
         self.visual_proj = nn.Linear(self.vision_dim, self.lm_dim)
         heads = options.heads or lm.num_heads
@@ -194,6 +200,9 @@ class CrossAttentionFusion(Fusion):
     @property
     def tokens_per_image(self) -> int:
         return 0
+
+    def lr_scales(self) -> dict[str, float]:
+        return {f"blocks.{i}.{gate}": self.gate_lr_scale for i in self.blocks for gate in ("attn_gate", "ffn_gate")}
 
     def embed_images(self, features: torch.Tensor) -> torch.Tensor:
         """features [num_images, num_patches, vision_dim] -> visual tokens [num_images, num_visual_tokens,

@@ -31,20 +31,24 @@ class TrainingAborted(RuntimeError):
 
 def build_optimizer(model: VLM, config: Config) -> torch.optim.Optimizer:
     """AdamW with one learning rate per component (`train.fusion_lr` / `lm_lr` / `vision_lr`, each
-    defaulting to `train.lr`); no decay on biases and norms. Only parameters that train are included
+    defaulting to `train.lr`, times the fusion's own `lr_scales()` where it names a parameter); no decay on
+    biases and norms. Only parameters that train are included
     (with LoRA, the LM's are its adapters); a parameter shared by two components is counted once."""
     train = config.train
     groups, seen = [], set()
+    scales = model.fusion.lr_scales()
     for module, lr in ((model.fusion, train.fusion_lr), (model.lm, train.lm_lr), (model.vision, train.vision_lr)):
         lr = train.lr if lr is None else lr
-        params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in params)
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups += [
-            {"params": decay, "lr": lr, "weight_decay": config.train.weight_decay},
-            {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        ]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for _, p in named)
+        by_scale: dict[float, list[torch.nn.Parameter]] = {}
+        for name, p in named:
+            by_scale.setdefault(scales.get(name, 1.0) if module is model.fusion else 1.0, []).append(p)
+        for scale, params in by_scale.items():
+            groups += [
+                {"params": [p for p in params if p.ndim >= 2], "lr": lr * scale, "weight_decay": train.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "lr": lr * scale, "weight_decay": 0.0},
+            ]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"train.stage='{config.train.stage}' leaves nothing to train.")
