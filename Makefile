@@ -41,7 +41,7 @@ real-backbones: $(VENV)/.installed-real
 	$(PY) scripts/real_backbones.py --out artifacts/real/backbones $(if $(WHEELS),--wheels $(WHEELS))
 
 # The quickstart's synthetic task on the real backbones (configs/real.yaml): builds backbones and data when missing,
-# trains, predicts and evaluates like `make quickstart`. Not yet timed on a quiet machine (docs/benchmarks.md).
+# trains, predicts and evaluates like `make quickstart`. Its time and result: docs/benchmarks.md#real-backbones.
 quickstart-real: $(VENV)/.installed-real
 	PY=$(PY) CONFIG=configs/real.yaml BACKBONES=real RUN=$(or $(RUN),artifacts/real/run) $(if $(WHEELS),WHEELS=$(WHEELS)) \
 	  bash scripts/quickstart.sh $(ARGS)

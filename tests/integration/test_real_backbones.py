@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from greedy import assert_greedy_is_teacher_forced_argmax
+from greedy import assert_greedy_is_teacher_forced_argmax, generate_tokens
 from vlm.config import load_config
 from vlm.data.formats import read_samples
 from vlm.embedded.real_backbones import WHEELS, default_cache, make_real_backbones
 from vlm.embedded.real_convert import sample_photo, top5
-from vlm.factory import build, build_processor
+from vlm.factory import build, build_processor, processor_for
 from vlm.lm import load_language_model, new_token_ids
 from vlm.model import VLM
 from vlm.train import train
@@ -40,7 +40,8 @@ def overrides(real: dict[str, Path], *more: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def projector_vlm(real) -> VLM:
-    config = load_config(REPO / "configs" / "real.yaml", overrides(real))
+    """configs/real.yaml's projector variant (the config itself runs cross-attention)."""
+    config = load_config(REPO / "configs" / "real.yaml", overrides(real, "model.fusion=projector"))
     torch.manual_seed(0)
     return build(config.model)[0].eval()
 
@@ -88,7 +89,7 @@ def test_only_the_image_token_is_added_and_smollm2s_template_is_used(real, caplo
 @pytest.mark.parametrize("fusion", ["projector", "cross_attention"])
 def test_without_an_image_the_vlm_gives_the_base_lms_logits(real, projector_vlm, base_lm, fusion):
     vlm = projector_vlm if fusion == "projector" else build(
-        load_config(REPO / "configs" / "real.yaml", overrides(real, "model.fusion=cross_attention")).model
+        load_config(REPO / "configs" / "real.yaml", overrides(real)).model  # cross-attention, gates at 0
     )[0].eval()
     ids = torch.tensor([vlm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=True,
@@ -101,8 +102,8 @@ def test_without_an_image_the_vlm_gives_the_base_lms_logits(real, projector_vlm,
 
 @pytest.fixture(scope="module")
 def trained(real, synthetic, tmp_path_factory) -> Path:
-    """Six steps of configs/real.yaml as it is (LoRA, projector, its learning rates), two samples a step from four
-    synthetic conversations, with the frozen-feature cache on."""
+    """Six steps of configs/real.yaml as it is (cross-attention on the frozen LM, its learning rates, bf16
+    autocast), two samples a step from four synthetic conversations, with the frozen-feature cache on."""
     out = tmp_path_factory.mktemp("real-run")
     (out / "train.json").write_text(json.dumps(json.loads(synthetic["train"].read_text())[:4]))
     config = load_config(REPO / "configs" / "real.yaml", overrides(
@@ -123,7 +124,7 @@ def test_a_few_steps_of_the_real_recipe_lower_the_loss(trained):
 
 
 def test_greedy_generation_equals_the_teacher_forced_argmax(trained, synthetic):
-    model = VLM.from_pretrained(trained / "final").eval()  # LoRA merged, as a user loads it
+    model = VLM.from_pretrained(trained / "final").eval()  # as a user loads it
     # SmolLM2's own template (string content only) is kept, behind the preamble that renders list-of-parts
     # content as the data readers do: parts and the string give the same ids, default system prompt included.
     tokenizer = model.tokenizer
@@ -136,6 +137,21 @@ def test_greedy_generation_equals_the_teacher_forced_argmax(trained, synthetic):
     samples = read_samples(synthetic["eval"])[0][:3]
     generated = assert_greedy_is_teacher_forced_argmax(model, samples, max_new_tokens=12)
     assert all(tokens for tokens in generated)
+
+
+def test_the_trained_recipe_keeps_smollm2s_text_chat_and_answers_images_differently(trained, synthetic):
+    """configs/real.yaml's promise: the trained model still chats exactly like SmolLM2 when no image is given,
+    while with an image its answers are no longer the base LM's."""
+    from vlm.eval.retention import CHAT_PROMPTS, base_model, retention
+
+    model = VLM.from_pretrained(trained / "final").eval()
+    base = base_model(model)
+    kept = retention(model, base, processor_for(model), prompts=list(CHAT_PROMPTS[:4]), max_new_tokens=12)
+    assert kept["identical_replies"] == 1.0, kept
+    assert kept["loss_on_base_replies"] == pytest.approx(kept["base_loss_on_own_replies"], abs=1e-5), kept
+    samples = read_samples(synthetic["eval"])[0][:2]
+    with torch.no_grad():
+        assert generate_tokens(model, samples, 8) != generate_tokens(base, samples, 8)
 
 
 def test_a_folder_holding_the_gguf_file_is_a_model_lm(real, base_lm, tmp_path):
