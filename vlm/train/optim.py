@@ -36,14 +36,15 @@ def build_optimizer(model: VLM, config: Config) -> torch.optim.Optimizer:
     (with LoRA, the LM's are its adapters); a parameter shared by two components is counted once."""
     train = config.train
     groups, seen = [], set()
-    scales = model.fusion.lr_scales()
-    for module, lr in ((model.fusion, train.fusion_lr), (model.lm, train.lm_lr), (model.vision, train.vision_lr)):
+    components = ((model.fusion, train.fusion_lr, model.fusion.lr_scales()), (model.lm, train.lm_lr, {}),
+                  (model.vision, train.vision_lr, {}))
+    for module, lr, scales in components:
         lr = train.lr if lr is None else lr
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for _, p in named)
         by_scale: dict[float, list[torch.nn.Parameter]] = {}
-        for name, p in named:
-            by_scale.setdefault(scales.get(name, 1.0) if module is model.fusion else 1.0, []).append(p)
+        for name, p in module.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                by_scale.setdefault(scales.get(name, 1.0), []).append(p)
         for scale, params in by_scale.items():
             groups += [
                 {"params": [p for p in params if p.ndim >= 2], "lr": lr * scale, "weight_decay": train.weight_decay},
