@@ -27,7 +27,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     model, processor = load(args.model)
     count = predict(model, processor, args.data, args.out, args.image_root, args.max_new_tokens, args.batch_size,
-                    image_drop=args.image_drop, seed=args.seed)
+                    image_drop=args.image_drop, seed=args.seed, dropped_image=args.dropped_image)
     print(f"Wrote {count} predictions to {args.out}")
     return 0
 
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--image-drop", type=float, default=0.0,
                          help="drop each image (and its <image> tag) with this probability, to test missing images")
     predict.add_argument("--seed", type=int, default=0, help="seed of the --image-drop draws")
+    predict.add_argument("--dropped-image", choices=("remove", "blank"), default="remove",
+                         help="where a dropped image goes: removed with its tag, or a blank grey image in its place")
     predict.set_defaults(run=_predict)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible chat-completions server with dynamic batching")

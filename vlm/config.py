@@ -267,6 +267,9 @@ class TrainConfig:
     `none` or `[]`: nowhere."""
     image_dropout: float = 0.0
     """Drop each training image (and its `<image>` tag) with this probability, so the model learns to answer without it."""
+    dropped_image: Literal["remove", "blank"] = "remove"
+    """Where a dropped image goes: `remove` (image and tag, the LM reads plain text) or `blank` (a grey image
+    takes its place, so the fusion still runs and can learn the no-picture case; vlm/data/dropout.py)."""
     strategy: Literal["auto", "single", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
     """How training is spread over processes. `auto`: what `accelerate launch --config_file` asked for
     (FSDP -> fsdp2, DeepSpeed -> zero2 / zero3 by its stage), else `ddp` with several processes, else `single`."""

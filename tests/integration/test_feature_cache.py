@@ -11,8 +11,8 @@ from vlm.factory import processor_for
 from vlm.train import train
 
 
-def run(backbones, synthetic, out, cache: bool) -> list[float]:
-    config = load_config(None, [
+def run(backbones, synthetic, out, cache: bool, extra: tuple[str, ...] = ()) -> list[float]:
+    config = load_config(None, [*extra, 
         f"model.vision={backbones['vit']}", f"model.lm={backbones['lm']}", "model.projector.type=mlp2x_gelu",
         f"data.train_files=[{synthetic['train']}]", f"data.cache_features={str(cache).lower()}",
         "train.stage=align", "train.max_steps=6", "train.batch_size=4", "train.lr=1e-3", "train.report_to=none",
@@ -28,6 +28,17 @@ def test_cached_features_give_the_same_losses(backbones, synthetic, tmp_path):
     assert len(plain) == len(cached) == 6
     assert max(abs(a - b) for a, b in zip(plain, cached)) <= 1e-5
     assert list((tmp_path / "cached" / "feature_cache").rglob("*.safetensors"))
+
+
+def test_blank_dropped_images_are_cached_and_train_as_uncached(backbones, synthetic, tmp_path):
+    blank = ("train.image_dropout=0.5", "train.dropped_image=blank")
+    plain = run(backbones, synthetic, tmp_path / "plain", cache=False, extra=blank)
+    cached = run(backbones, synthetic, tmp_path / "cached", cache=True, extra=blank)
+    removed = run(backbones, synthetic, tmp_path / "removed", cache=True, extra=blank[:1])
+    assert max(abs(a - b) for a, b in zip(plain, cached)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(cached, removed)) > 1e-4  # a grey image is not the same as none
+    images = {im for s in read_samples(synthetic["train"])[0] for im in s.images}
+    assert len(list((tmp_path / "cached" / "feature_cache").rglob("*.safetensors"))) == len(images) + 1
 
 
 def test_corrupt_entries_are_rebuilt_and_keys_follow_content(tiny_vlm, synthetic, tmp_path):

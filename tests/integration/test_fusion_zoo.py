@@ -185,6 +185,30 @@ def test_image_dropout_removes_tags_and_visual_tokens_together(model_config):
     assert len(seen) == 4  # none, either one alone (order kept), both
 
 
+def test_blank_dropout_keeps_tags_and_puts_a_grey_image_in_place(model_config):
+    model = _build(model_config, "resampler")
+    processor = processor_for(model)
+    sample = _two_image_sample()
+    original = processor(sample)
+
+    blank = drop_images(sample, 1.0, torch.Generator().manual_seed(0), mode="blank")
+    assert blank.messages == sample.messages and len(blank.images) == 2
+    assert all(im.getcolors() == [(32 * 32, (128, 128, 128))] for im in blank.images)
+    item = processor(blank)
+    assert torch.equal(item["input_ids"], original["input_ids"]) and torch.equal(item["labels"], original["labels"])
+    grey = processor.image_transform(Image.new("RGB", (64, 64), (128, 128, 128)))
+    torch.testing.assert_close(item["pixel_values"], torch.stack([grey, grey]))
+
+    kinds = set()
+    for seed in range(40):
+        half = drop_images(sample, 0.5, torch.Generator().manual_seed(seed), mode="blank")
+        assert len(half.images) == 2 and half.messages == sample.messages
+        kinds.add(tuple(im is original_im for im, original_im in zip(half.images, sample.images)))
+    assert len(kinds) == 4  # none, either one, both replaced
+    with pytest.raises(ValueError, match="dropped_image"):
+        ConversationDataset([sample], processor, image_dropout=0.5, dropped_image="zero")
+
+
 def test_image_dropout_is_deterministic_per_seed_epoch_index(model_config):
     model = _build(model_config, "late")
     samples = [dataclasses.replace(_samples()[i % 2], id=str(i)) for i in range(24)]

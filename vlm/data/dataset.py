@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from .dropout import drop_images, dropout_generator
+from .dropout import DROPPED_IMAGE_MODES, drop_images, dropout_generator
 from ..config import DataConfig, DataFile
 from .mixture import read_files
 from .feature_cache import FeatureCache
@@ -31,16 +31,21 @@ class ConversationDataset(Dataset):
 
     image_dropout: each image is dropped (with its `<image>` tag) with this probability, drawn from
     (seed, epoch, index) so a resumed run sees the same draws; call `set_epoch` at each epoch.
+    dropped_image: `remove` (image and tag) or `blank` (a grey image in its place; vlm/data/dropout.py).
     """
 
     def __init__(
         self, samples: list[Sample], processor: VLMProcessor, strict: bool = False,
         errors: list[SampleError] = (), for_generation: bool = False, feature_cache: FeatureCache | None = None,
-        image_dropout: float = 0.0, seed: int = 0,
+        image_dropout: float = 0.0, seed: int = 0, dropped_image: str = "remove",
     ) -> None:
         if not 0.0 <= image_dropout <= 1.0:
             raise ValueError(f"train.image_dropout / --image-drop must be in [0, 1], got {image_dropout}.")
+        if dropped_image not in DROPPED_IMAGE_MODES:
+            raise ValueError(f"train.dropped_image / --dropped-image: unknown '{dropped_image}'; "
+                             f"choose from {', '.join(DROPPED_IMAGE_MODES)}.")
         self.image_dropout, self.seed, self.epoch = image_dropout, seed, 0
+        self.dropped_image = dropped_image
         self.processor = processor
         self.feature_cache = feature_cache
         self.strict = strict
@@ -70,11 +75,12 @@ class ConversationDataset(Dataset):
     def from_files(
         cls, files: list[str | DataFile], processor: VLMProcessor, image_root: str | None = None, strict: bool = False,
         for_generation: bool = False, feature_cache: FeatureCache | None = None,
-        image_dropout: float = 0.0, seed: int = 0, data: DataConfig | None = None,
+        image_dropout: float = 0.0, seed: int = 0, data: DataConfig | None = None, dropped_image: str = "remove",
     ) -> "ConversationDataset":
         """`files` may carry weights (a weighted mixture); `data` supplies the table prompt templates."""
         samples, errors = read_files(files, image_root, data, seed)
-        return cls(samples, processor, strict, errors, for_generation, feature_cache, image_dropout, seed)
+        return cls(samples, processor, strict, errors, for_generation, feature_cache, image_dropout, seed,
+                   dropped_image)
 
     def set_epoch(self, epoch: int) -> None:
         """Image dropout draws depend on the epoch: call before each pass over the data."""
@@ -104,7 +110,8 @@ class ConversationDataset(Dataset):
         sample = self.samples[index]
         if self.image_dropout > 0:
             sample = drop_images(
-                sample, self.image_dropout, dropout_generator(self.seed, self.epoch, index), self.processor.image_token
+                sample, self.image_dropout, dropout_generator(self.seed, self.epoch, index), self.processor.image_token,
+                self.dropped_image,
             )
         try:
             if self.feature_cache is None:

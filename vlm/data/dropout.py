@@ -5,6 +5,11 @@ evaluation (`vlm predict --image-drop`) to measure how it degrades. Each image i
 own with probability p; the answer is kept, so a sample with every image dropped is a plain
 text-only sample. The draw depends only on (seed, epoch, sample index), so a resumed run or a
 re-run evaluation drops exactly the same images.
+
+Where a dropped image goes (`train.dropped_image`, `vlm predict --dropped-image`): `remove` takes out
+the image and its tag, so the LM reads plain text (and a frozen LM answers as it always did);
+`blank` keeps the tag and puts a blank grey image in its place, so the fusion still runs and can
+learn what to do when the picture carries nothing (with a frozen LM, the only part that can learn it).
 """
 
 from __future__ import annotations
@@ -14,7 +19,16 @@ import re
 
 import torch
 
+from PIL import Image
+
 from .sample import IMAGE_TAG, Sample
+
+DROPPED_IMAGE_MODES = ("remove", "blank")
+
+
+def blank_image() -> Image.Image:
+    """The stand-in for a dropped image under `blank`: uniform mid-grey, resized by the image transform."""
+    return Image.new("RGB", (32, 32), (128, 128, 128))
 
 
 def dropout_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -22,15 +36,23 @@ def dropout_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((int(seed), int(epoch), int(index))) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def drop_images(sample: Sample, p: float, generator: torch.Generator, image_tag: str = IMAGE_TAG) -> Sample:
+def drop_images(
+    sample: Sample, p: float, generator: torch.Generator, image_tag: str = IMAGE_TAG, mode: str = "remove"
+) -> Sample:
     """A copy of `sample` without the images drawn for dropping (each with probability p) and without
     their tags (with the newline or space that follows one). A tag that is a turn's whole text is kept
-    with its image, since removing it would leave an empty turn."""
+    with its image, since removing it would leave an empty turn. `mode="blank"`: every drawn image is
+    replaced by `blank_image()` instead, its tag kept."""
+    if mode not in DROPPED_IMAGE_MODES:
+        raise ValueError(f"train.dropped_image / --dropped-image: unknown '{mode}'; choose from {DROPPED_IMAGE_MODES}.")
     if p <= 0 or not sample.images:
         return sample
     drop = (torch.rand(len(sample.images), generator=generator) < p).tolist()
     if not any(drop):
         return sample
+    if mode == "blank":
+        images = [blank_image() if dropped else image for image, dropped in zip(sample.images, drop)]
+        return dataclasses.replace(sample, images=images)
     pattern = re.compile(re.escape(image_tag) + r"[ \t]*\n?|" + re.escape(image_tag) + " ?")
     kept_images, messages, k = [], [], 0
     for message in sample.messages:

@@ -28,17 +28,19 @@ DataFiles = str | Path | DataFile | list[str | DataFile]
 def predict(
     model: VLM, processor: VLMProcessor, data_file: DataFiles, out: str | Path, image_root: str | Path | None = None,
     max_new_tokens: int = 32, batch_size: int = 16, image_drop: float = 0.0, seed: int = 0,
-    limit: int | None = None, data: DataConfig | None = None,
+    limit: int | None = None, data: DataConfig | None = None, dropped_image: str = "remove",
 ) -> int:
     """Answer the last user turn of every sample; write `{"id", "prediction"}` lines. Returns the count.
 
     data_file: one file, or a list as `data.eval_files`. image_drop: drop each image (and its tag) with
-    this probability, seeded by `seed`, to measure how the model answers with missing images.
+    this probability, seeded by `seed`, to measure how the model answers with missing images;
+    dropped_image: where a dropped image goes, `remove` or `blank` (as in training, vlm/data/dropout.py).
     limit: only the first `limit` samples. data: the training config's data section (prompt templates).
     """
     files = [str(f) if isinstance(f, Path) else f for f in (data_file if isinstance(data_file, list) else [data_file])]
     dataset = ConversationDataset.from_files(
-        files, processor, image_root, for_generation=True, image_dropout=image_drop, seed=seed, data=data
+        files, processor, image_root, for_generation=True, image_dropout=image_drop, seed=seed, data=data,
+        dropped_image=dropped_image,
     )
     for category, count in dataset.problems.items():
         logger.warning("%d sample(s) skipped: %s", count, category)

@@ -29,7 +29,8 @@ from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
-from ..data.sample import DataError
+from ..data.dropout import blank_image
+from ..data.sample import DataError, Sample
 from ..data.samplers import ResumableSampler, training_sampler
 from ..hub.publish import LATEST_DIR, TrainingPublisher
 from ..model import VLM
@@ -139,6 +140,7 @@ class Trainer:
         self.train_set = ConversationDataset.from_files(
             config.data.train_files, processor, config.data.image_root, config.data.strict,
             feature_cache=cache, image_dropout=config.train.image_dropout, seed=config.train.seed, data=config.data,
+            dropped_image=config.train.dropped_image,
         )
         if len(self.train_set) == 0:
             raise DataError(f"No usable training samples in {config.data.train_files} "
@@ -181,6 +183,8 @@ class Trainer:
         for file in [*config.data.train_files, *config.data.eval_files]:
             samples += read_samples(file, config.data.image_root, caption_prompt=config.data.caption_prompt,
                                     vqa_prompt=config.data.vqa_prompt)[0]
+        if config.train.image_dropout > 0 and config.train.dropped_image == "blank":
+            samples.append(Sample("blank", [], [blank_image()]))  # the stand-in every dropped image becomes
         started = time.perf_counter()
         encoded = cache.fill(samples, self.processor, vision, config.train.batch_size, env.rank, env.world_size)
         barrier(env)
