@@ -69,7 +69,7 @@ def _bench_fusion(args: argparse.Namespace) -> int:
         seeds, args.max_steps, args.budget, args.eval_every, args.patience, args.min_delta,
         args.train_batch_size, args.train_images,
         args.eval_images, args.test_images, not args.no_text_only, args.overrides, args.max_new_tokens,
-        args.batch_size,
+        args.batch_size, dropped_images=items(args.dropped_image), calibrate=args.calibrate or [],
     )
     print((Path(args.out) / "results.md").read_text())
     return 0 if all(row["status"] == "ok" for row in rows) else 1
@@ -250,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fusion strategies or named variants (vlm/bench/fusion.py: STRATEGY_OVERRIDES)")
     fusion.add_argument("--regimes", default="finetune", help="what trains: align, finetune, lora (comma-separated)")
     fusion.add_argument("--dropout", default="0,0.3", help="training image-dropout rates (comma-separated)")
+    fusion.add_argument("--dropped-image", default="remove",
+                        help="where a dropped image goes: remove, blank, or both (comma-separated); blank rows "
+                             "are named <strategy>+blank and also see a blank image in the no-image tests")
+    fusion.add_argument("--calibrate", nargs="+", default=None, metavar="DIR",
+                        help="earlier bench folders whose measured job times make the time estimate")
     fusion.add_argument("--seeds", default="1", help="N: seeds 0..N-1 per job (mean +- std); or a list: 1,2")
     fusion.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                         help="only rewrite the results of these bench folders as one, into --out")

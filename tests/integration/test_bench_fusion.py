@@ -57,9 +57,9 @@ def test_bench_fusion_writes_every_column_and_plot_and_records_a_failure(bench, 
     assert [r["name"] for r in rows] == ["base_lm", "text_only", "projector", "late", "no_such_fusion"]
     conflicts = any(r["evidence"] == "conflict" for r in json.loads((out / "data" / "test_clean.json").read_text()))
     expected = {f"{c}:{group}" for c in CONDITIONS for group in ("all", "image", "note", "redundant", "complementary")}
-    expected |= {"budget:clean:all", "budget:no_image:all", "graceful", "text_loss", "steps", "best_eval_step",
-                 "trainable_params", "total_params", "tokens_per_image", "step_ms", "tokens_s", "peak_mem_mb",
-                 "train_s", "eval_s", "wall_s"}
+    expected |= {"budget:clean:all", "budget:no_image:all", "graceful", "multimodal_gain", "leakage", "text_loss",
+                 "steps", "best_eval_step", "trainable_params", "total_params", "tokens_per_image", "step_ms",
+                 "tokens_s", "peak_mem_mb", "train_s", "eval_s", "wall_s"}
     expected |= {"clean:trust_image", "clean:trust_note"} if conflicts else set()
     assert expected <= set(rows[0])
     conditions = json.loads((out / "data" / "conditions.json").read_text())["conditions"]
@@ -72,6 +72,9 @@ def test_bench_fusion_writes_every_column_and_plot_and_records_a_failure(bench, 
             scored = _accuracy_on_disk(runs[row["name"]], condition, files[condition])
             assert float(row[f"{condition}:all"]) == pytest.approx(scored), (row["name"], condition)
         assert float(row["text_loss"]) > 0 and float(row["peak_mem_mb"]) > 100
+        clean, blind = float(row["clean:all"]), float(row["no_image:all"])
+        assert float(row["multimodal_gain"]) == pytest.approx(clean - blind)  # MMStar's MG and ML
+        assert float(row["leakage"]) == pytest.approx(max(0.0, blind - float(rows[0]["no_image:all"])))
     for row in rows[1:4]:  # trained jobs
         assert 0 < int(row["trainable_params"]) <= int(row["total_params"])
         assert int(row["steps"]) == 4 and float(row["step_ms"]) > 0 and float(row["tokens_s"]) > 0
@@ -120,3 +123,30 @@ def test_the_text_only_baseline_never_sees_an_image(bench):
     predictions = {c: (runs / "text_only__finetune__drop1__seed0" / "predictions" / f"{c}.jsonl").read_text()
                    for c in ("clean", "no_image", "occlusion3")}
     assert predictions["clean"] == predictions["no_image"] == predictions["occlusion3"]
+
+
+def test_blank_rows_are_their_own_jobs_and_only_with_dropout(tmp_path):
+    from vlm.bench.fusion import job_overrides, plan_jobs
+
+    jobs = plan_jobs(["projector"], ["align"], [0.0, 0.3], [0], False, ["remove", "blank"])
+    assert [(j.name, j.dropout) for j in jobs] == [("projector", 0.0), ("projector", 0.3), ("projector+blank", 0.3)]
+    assert len({j.folder for j in jobs}) == 3
+    settings = {"max_steps": 4, "eval_every": 2, "patience": 1, "min_delta": 0.0, "batch_size": 4}
+    data = {"train": "t.json", "eval": "e.json"}
+    assert "train.dropped_image=blank" in job_overrides(jobs[2], data, settings, [], tmp_path)
+    assert "train.dropped_image=remove" in job_overrides(jobs[1], data, settings, [], tmp_path)
+    with pytest.raises(ValueError, match="--dropped-image"):
+        plan_jobs(["projector"], ["align"], [0.3], [0], False, ["zeros"])
+
+
+def test_the_estimate_follows_measured_jobs():
+    from vlm.bench.fusion import SECONDS_PER_JOB, estimate_seconds, plan_jobs
+
+    base, text, cross, proj = plan_jobs(["cross_attention", "projector"], ["align"], [0.3], [0], True)
+    assert estimate_seconds([base, cross]) == SECONDS_PER_JOB["base_lm"] + SECONDS_PER_JOB["cross_attention"]
+    measured = [{"kind": "vlm", "strategy": "cross_attention", "regime": "align", "status": "ok", "wall_s": 900.0},
+                {"kind": "vlm", "strategy": "late", "regime": "lora", "status": "ok", "wall_s": 300.0},
+                {"kind": "vlm", "strategy": "projector", "regime": "align", "status": "failed", "wall_s": 5.0}]
+    assert estimate_seconds([cross], measured) == 900  # the same strategy and regime
+    assert estimate_seconds([proj], measured) == 600  # no measured projector: the mean of measured vlm jobs
+    assert estimate_seconds([text], measured) == SECONDS_PER_JOB["text_only"]  # nothing of its kind measured

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.dropout import DROPPED_IMAGE_MODES
 from ..progress import progress_bar
 from .fusion_report import write_results
 
@@ -60,6 +61,8 @@ class Job:
     regime: str
     dropout: float
     seed: int
+    dropped_image: str = "remove"
+    """Where a dropped image goes, in training and in the no-image test conditions (vlm/data/dropout.py)."""
 
     @property
     def folder(self) -> str:
@@ -71,22 +74,39 @@ def strategy_overrides(strategy: str) -> list[str]:
 
 
 def plan_jobs(strategies: list[str], regimes: list[str], dropouts: list[float], seeds: list[int],
-              text_only: bool = True) -> list[Job]:
-    """Baselines first (the text-only floor is every later row's reference), then the grid."""
+              text_only: bool = True, dropped_images: list[str] = ("remove",)) -> list[Job]:
+    """Baselines first (the text-only floor is every later row's reference), then the grid. A `blank`
+    job is named `<strategy>+blank` (its own row) and only planned with dropout > 0, where it differs."""
     for regime in regimes:
         if regime not in REGIME_OVERRIDES:
             raise ValueError(f"--regimes: unknown regime '{regime}'; choose from {sorted(REGIME_OVERRIDES)}.")
+    for mode in dropped_images:
+        if mode not in DROPPED_IMAGE_MODES:
+            raise ValueError(f"--dropped-image: unknown '{mode}'; choose from {', '.join(DROPPED_IMAGE_MODES)}.")
     # The base LM does not train, so its row is the same for every seed: scored once, with seed 0.
     jobs = [Job("base_lm", "base_lm", "projector", "frozen", 0.0, 0)] if text_only and 0 in seeds else []
     for seed in seeds:
         if text_only:
             jobs.append(Job("text_only", "text_only", "projector", "finetune", 1.0, seed))
-        jobs += [Job(s, "vlm", s, r, d, seed) for r in regimes for s in strategies for d in dropouts]
+        jobs += [Job(s if mode == "remove" else f"{s}+{mode}", "vlm", s, r, d, seed, mode)
+                 for r in regimes for s in strategies for d in dropouts for mode in dropped_images
+                 if mode == "remove" or d > 0]
     return jobs
 
 
-def estimate_seconds(jobs: list[Job]) -> float:
-    return sum(SECONDS_PER_JOB.get(job.kind if job.kind != "vlm" else job.strategy, DEFAULT_SECONDS) for job in jobs)
+def estimate_seconds(jobs: list[Job], measured: list[dict[str, Any]] = ()) -> float:
+    """Each job's wall time: the mean of measured jobs (earlier parts' rows.json, or this part's done jobs)
+    with its strategy, regime and kind, else of its kind, else the tiny default's `SECONDS_PER_JOB`."""
+    done = [r for r in measured if r.get("status") == "ok" and r.get("wall_s")]
+
+    def seconds(job: Job) -> float:
+        for keys in (("kind", "strategy", "regime"), ("kind",)):
+            times = [r["wall_s"] for r in done if all(r[k] == getattr(job, k) for k in keys)]
+            if times:
+                return sum(times) / len(times)
+        return SECONDS_PER_JOB.get(job.kind if job.kind != "vlm" else job.strategy, DEFAULT_SECONDS)
+
+    return sum(seconds(job) for job in jobs)
 
 
 def build_data(out: Path, train_images: int, eval_images: int, test_images: int, image_size: int) -> dict[str, Any]:
@@ -129,7 +149,7 @@ def job_overrides(job: Job, data: dict[str, Any], settings: dict[str, Any], user
         *strategy_overrides(job.strategy), *REGIME_OVERRIDES.get(job.regime, []),
         f"data.train_files=[{data['train']}]", f"data.eval_files=[{data['eval']}]",
         f"data.cache_features={str(reads_tower).lower()}", f"data.cache_dir={out / 'feature_cache'}",
-        f"train.image_dropout={job.dropout}", f"train.seed={job.seed}", f"train.max_steps={settings['max_steps']}",
+        f"train.image_dropout={job.dropout}", f"train.dropped_image={job.dropped_image}", f"train.seed={job.seed}", f"train.max_steps={settings['max_steps']}",
         f"train.eval_every={settings['eval_every']}", f"train.early_stopping_patience={settings['patience']}",
         f"train.early_stopping_min_delta={settings['min_delta']}", f"train.batch_size={settings['batch_size']}",
         "train.report_to=none", "train.save_every=0",
@@ -142,18 +162,23 @@ def bench_fusion(
     dropouts: list[float] = (0.0, 0.3), seeds: int | list[int] = 1, max_steps: int = 400, budget: int = 200,
     eval_every: int = 50, patience: int = 2, min_delta: float = 0.005, batch_size: int = 8,
     train_images: int = 2000, eval_images: int = 100, test_images: int = 50, text_only: bool = True, overrides: list[str] = (), max_new_tokens: int = 4,
-    eval_batch_size: int = 64, image_size: int = 64,
+    eval_batch_size: int = 64, image_size: int = 64, dropped_images: list[str] = ("remove",),
+    calibrate: list[str | Path] = (),
 ) -> list[dict[str, Any]]:
-    """Run every job, one after another, each in its own process; returns the result rows."""
+    """Run every job, one after another, each in its own process; returns the result rows. `calibrate`:
+    earlier bench folders whose measured wall times make the estimate (a real LM is ~10-50x the tiny one)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dropouts = [float(d) for d in dropouts]
     if any(not 0 <= d < 1 for d in dropouts):
         raise ValueError(f"--dropout rates must be in [0, 1), got {dropouts}.")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    jobs = plan_jobs(list(strategies), list(regimes), dropouts, seeds, text_only)
-    print(f"vlm bench fusion: {len(jobs)} jobs; estimated {estimate_seconds(jobs) / 60:.0f} min on a quiet "
-          "2-core CPU (more with other work running).", flush=True)
+    jobs = plan_jobs(list(strategies), list(regimes), dropouts, seeds, text_only, list(dropped_images))
+    measured = [row for folder in calibrate for row in json.loads((Path(folder) / "rows.json").read_text())["rows"]]
+    source = f"from the jobs measured in {', '.join(map(str, calibrate))}" if measured else (
+        "from the tiny default's job times; pass --calibrate with an earlier part's folder for other backbones")
+    print(f"vlm bench fusion: {len(jobs)} jobs; estimated {estimate_seconds(jobs, measured) / 60:.0f} min on a quiet "
+          f"2-core CPU ({source}).", flush=True)
     started = time.perf_counter()
     data = build_data(out, train_images, eval_images, test_images, image_size)
     settings = {"max_steps": max_steps, "eval_every": eval_every, "patience": patience, "budget": budget,
@@ -188,6 +213,10 @@ def bench_fusion(
         row["wall_s"] = time.perf_counter() - job_started
         rows.append(row)
         write_results(out, rows, header, total_s=time.perf_counter() - started)
+        left = jobs[len(rows):]
+        if left:
+            progress.write(f"{job.folder}: {row['wall_s'] / 60:.1f} min; {len(left)} jobs left, estimated "
+                           f"{estimate_seconds(left, [*measured, *rows]) / 60:.0f} min")
         (out / "rows.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     return rows
 

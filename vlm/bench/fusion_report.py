@@ -18,7 +18,8 @@ from typing import Any
 from .fusion_worker import EVIDENCE_GROUPS
 
 KEYS = ("name", "kind", "strategy", "regime", "dropout", "seed", "status")
-SCALARS = ("graceful", "text_loss", "steps", "best_eval_step", "stopped_early", "trainable_params", "total_params",
+SCALARS = ("graceful", "multimodal_gain", "leakage", "text_loss", "steps", "best_eval_step", "stopped_early",
+           "trainable_params", "total_params",
            "tokens_per_image", "step_ms", "tokens_s", "peak_mem_mb", "train_s", "eval_s", "wall_s", "eval_loss",
            "final_loss", "error")
 CORRUPTED = [f"{kind}{severity}" for kind in ("noise", "blur", "occlusion") for severity in (1, 2, 3)]
@@ -45,6 +46,19 @@ def add_graceful(rows: list[dict[str, Any]]) -> None:
             row["graceful"] = row["no_image:all"] / reference
 
 
+def add_mmstar(rows: list[dict[str, Any]]) -> None:
+    """MMStar's terms (Chen et al. 2024): multimodal gain = accuracy with the image - without it;
+    leakage = max(0, accuracy without the image - the base LM's, which never trained on this data)."""
+    base = next((r.get("no_image:all") for r in rows if r["kind"] == "base_lm" and r.get("no_image:all") is not None),
+                None)
+    for row in rows:
+        if row.get("clean:all") is None or row.get("no_image:all") is None:
+            continue
+        row["multimodal_gain"] = row["clean:all"] - row["no_image:all"]
+        if base is not None:
+            row["leakage"] = max(0.0, row["no_image:all"] - base)
+
+
 def columns(rows: list[dict[str, Any]]) -> list[str]:
     scored = sorted({k for r in rows for k in r if ":" in k}, key=lambda k: (k.startswith("budget:"), k))
     return [*KEYS, *SCALARS, *scored]
@@ -53,6 +67,7 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
 def write_results(out: Path, rows: list[dict[str, Any]], header: str, total_s: float = math.nan) -> None:
     flat = [flatten(r) for r in rows]
     add_graceful(flat)
+    add_mmstar(flat)
     cols = columns(flat)
     with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=cols, extrasaction="ignore")
@@ -122,19 +137,21 @@ def markdown_tables(groups: list[dict[str, Any]]) -> list[str]:
     ok = [g for g in groups if g["status"] == "ok"]
     main = table(
         "Accuracy and cost",
-        [*key, "acc @ budget", "acc converged", "steps (best)", "no image", "graceful", "noise 3", "blur 3",
-         "occlusion 3", "trusts image", "trusts note", "text loss", "trainable", "total", "tokens/image",
+        [*key, "acc @ budget", "acc converged", "steps (best)", "no image", "graceful", "MG", "ML", "noise 3",
+         "blur 3", "occlusion 3", "trusts image", "trusts note", "text loss", "trainable", "total", "tokens/image",
          "step ms", "tokens/s", "peak MB", "train s"],
         [[*_label(g), _pct(g, "budget:clean:all"), _pct(g, "clean:all"),
           f"{_num(g, 'steps')} ({_num(g, 'best_eval_step')})", _pct(g, "no_image:all"),
-          _num(g, "graceful", "{:.2f}"), _pct(g, "noise3:all"), _pct(g, "blur3:all"), _pct(g, "occlusion3:all"),
+          _num(g, "graceful", "{:.2f}"), _pct(g, "multimodal_gain"), _pct(g, "leakage"), _pct(g, "noise3:all"),
+          _pct(g, "blur3:all"), _pct(g, "occlusion3:all"),
           _pct(g, "clean:trust_image"), _pct(g, "clean:trust_note"), _num(g, "text_loss", "{:.3f}"),
           _num(g, "trainable_params"), _num(g, "total_params"), _num(g, "tokens_per_image"), _num(g, "step_ms"),
           _num(g, "tokens_s"), _num(g, "peak_mem_mb"), _num(g, "train_s")] for g in ok] + failed,
         "Accuracy in %, mean ± std over seeds where there are several. `acc @ budget`: at the equal step budget; "
         "`acc converged`: after early stopping (steps run, and the step of the best eval loss); `no image`: the "
-        "image dropped; `graceful`: no-image accuracy / the text-only model's; `noise 3` etc.: the strongest "
-        "corruption; `trusts image / note`: on conflict items, answers that follow each; `text loss`: the LM's "
+        "image dropped; `graceful`: no-image accuracy / the text-only model's; `MG` / `ML`: MMStar's "
+        "multimodal gain (clean - no image) and leakage (no image - the base LM's no image, if above 0); "
+        "`noise 3` etc.: the strongest corruption; `trusts image / note`: on conflict items, answers that follow each; `text loss`: the LM's "
         "own loss on held-out plain text (lower is better; the base LM's row is the before). Params exclude a "
         "tower the strategy never runs. step ms is the median step; peak MB the job's process peak (RSS on CPU).",
     )

@@ -60,7 +60,8 @@ def evaluate(model: Any, processor: Any, job: dict[str, Any], conditions: list[s
         spec = job["conditions"][name]
         preds = out / "predictions" / f"{name}.jsonl"
         predict(model, processor, spec["file"], preds, None, job["max_new_tokens"], job["eval_batch_size"],
-                image_drop=1.0 if blind else spec["image_drop"], seed=job["seed"])
+                image_drop=1.0 if blind else spec["image_drop"], seed=job["seed"],
+                dropped_image="remove" if blind else job.get("dropped_image", "remove"))
         scores[name] = score(preds, json.loads(Path(spec["file"]).read_text()))
     return {"scores": scores, "eval_s": time.perf_counter() - started}
 
