@@ -70,6 +70,7 @@ def _bench_fusion(args: argparse.Namespace) -> int:
         args.train_batch_size, args.train_images,
         args.eval_images, args.test_images, not args.no_text_only, args.overrides, args.max_new_tokens,
         args.batch_size, dropped_images=items(args.dropped_image), calibrate=args.calibrate or [],
+        conditions=items(args.conditions) if args.conditions else None,
     )
     print((Path(args.out) / "results.md").read_text())
     return 0 if all(row["status"] == "ok" for row in rows) else 1
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument("--dropped-image", default="remove",
                         help="where a dropped image goes: remove, blank, or both (comma-separated); blank rows "
                              "are named <strategy>+blank and also see a blank image in the no-image tests")
+    fusion.add_argument("--conditions", default=None,
+                        help="test only these conditions (comma-separated, with clean and no_image); default all 13")
     fusion.add_argument("--calibrate", nargs="+", default=None, metavar="DIR",
                         help="earlier bench folders whose measured job times make the time estimate")
     fusion.add_argument("--seeds", default="1", help="N: seeds 0..N-1 per job (mean +- std); or a list: 1,2")

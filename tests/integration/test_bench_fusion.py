@@ -150,3 +150,22 @@ def test_the_estimate_follows_measured_jobs():
     assert estimate_seconds([cross], measured) == 900  # the same strategy and regime
     assert estimate_seconds([proj], measured) == 600  # no measured projector: the mean of measured vlm jobs
     assert estimate_seconds([text], measured) == SECONDS_PER_JOB["text_only"]  # nothing of its kind measured
+
+
+def test_a_subset_of_conditions_is_all_that_is_tested(bench, tmp_path):
+    _, first = bench
+    config = next((first / "runs").glob("projector__*")) / "config.yaml"
+    out = tmp_path / "subset"
+    args = ["bench", "fusion", "--config", str(config), "--out", str(out), "--strategies", "projector",
+            "--dropout", "0", "--max-steps", "2", "--budget", "9", "--eval-every", "2", "--train-images", "16",
+            "--eval-images", "4", "--test-images", "4", "--train-batch-size", "4", "--no-text-only"]
+    with pytest.raises(ValueError, match="--conditions must include clean and no_image"):
+        main([*args, "--conditions", "clean,noise3"])
+    assert main([*args, "--conditions", "clean,no_image,noise3"]) == 0
+    row = next(csv.DictReader((out / "results.csv").open()))
+    assert {"clean:all", "no_image:all", "noise3:all"} <= set(row) and "blur3:all" not in row
+    run = next((out / "runs").iterdir())
+    assert sorted(p.stem for p in (run / "predictions").glob("*.jsonl")) == ["clean", "no_image", "noise3"]
+    robustness = (out / "results.md").read_text().split("### Accuracy under corruption")[1]
+    cells = next(line for line in robustness.splitlines() if line.startswith("| projector")).split(" | ")
+    assert cells[4:13].count("-") == 8 and cells[6] != "-"  # of the nine corruptions only noise3 was tested

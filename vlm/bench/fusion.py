@@ -163,10 +163,11 @@ def bench_fusion(
     eval_every: int = 50, patience: int = 2, min_delta: float = 0.005, batch_size: int = 8,
     train_images: int = 2000, eval_images: int = 100, test_images: int = 50, text_only: bool = True, overrides: list[str] = (), max_new_tokens: int = 4,
     eval_batch_size: int = 64, image_size: int = 64, dropped_images: list[str] = ("remove",),
-    calibrate: list[str | Path] = (),
+    calibrate: list[str | Path] = (), conditions: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every job, one after another, each in its own process; returns the result rows. `calibrate`:
-    earlier bench folders whose measured wall times make the estimate (a real LM is ~10-50x the tiny one)."""
+    earlier bench folders whose measured wall times make the estimate (a real LM is ~10-50x the tiny one).
+    `conditions`: test only these (each costs a pass over the test questions); default all."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dropouts = [float(d) for d in dropouts]
@@ -181,13 +182,18 @@ def bench_fusion(
           f"2-core CPU ({source}).", flush=True)
     started = time.perf_counter()
     data = build_data(out, train_images, eval_images, test_images, image_size)
+    unknown = sorted(set(conditions or ()) - set(data["conditions"]))
+    if unknown or (conditions is not None and not {"clean", "no_image"} <= set(conditions)):
+        raise ValueError(f"--conditions must include clean and no_image, from {', '.join(data['conditions'])}; "
+                         f"got {', '.join(conditions)}.")
+    tested = {k: v for k, v in data["conditions"].items() if conditions is None or k in conditions}
     settings = {"max_steps": max_steps, "eval_every": eval_every, "patience": patience, "budget": budget,
                 "min_delta": min_delta, "batch_size": batch_size}
     header = (f"Fusion benchmark: config `{config}`; evidence-bearing synthetic data ({train_images} training "
               f"images, {data['questions']} test questions); batch {batch_size}; early stopping on eval loss (every "
               f"{eval_every} steps, patience {patience}, min delta {min_delta:g}, cap {max_steps} steps); equal "
-              f"budget {budget} steps; seeds "
-              f"{', '.join(map(str, seeds))}; overrides: {' '.join(overrides) or 'none'}.")
+              f"budget {budget} steps; seeds {', '.join(map(str, seeds))}; conditions: "
+              f"{'all' if conditions is None else ', '.join(tested)}; overrides: {' '.join(overrides) or 'none'}.")
     rows: list[dict[str, Any]] = []
     for job in (progress := progress_bar(jobs, desc="bench fusion", unit="job", every=1)):
         progress.set_postfix(job=job.folder)
@@ -196,7 +202,7 @@ def bench_fusion(
         spec = {
             **asdict(job), "config": config, "out": str(run_dir), "budget": budget,
             "overrides": job_overrides(job, data, settings, list(overrides), out),
-            "conditions": data["conditions"], "budget_conditions": ["clean", "no_image"],
+            "conditions": tested, "budget_conditions": ["clean", "no_image"],
             "max_new_tokens": max_new_tokens, "eval_batch_size": eval_batch_size,
         }
         job_started = time.perf_counter()
