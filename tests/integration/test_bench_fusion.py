@@ -144,12 +144,14 @@ def test_the_estimate_follows_measured_jobs():
 
     base, text, cross, proj = plan_jobs(["cross_attention", "projector"], ["align"], [0.3], [0], True)
     assert estimate_seconds([base, cross]) == SECONDS_PER_JOB["base_lm"] + SECONDS_PER_JOB["cross_attention"]
-    measured = [{"kind": "vlm", "strategy": "cross_attention", "regime": "align", "status": "ok", "wall_s": 900.0},
-                {"kind": "vlm", "strategy": "late", "regime": "lora", "status": "ok", "wall_s": 300.0},
-                {"kind": "vlm", "strategy": "projector", "regime": "align", "status": "failed", "wall_s": 5.0}]
-    assert estimate_seconds([cross], measured) == 900  # the same strategy and regime
+    common = {"name": "x", "kind": "vlm", "dropout": 0.0, "seed": 0}
+    measured = [{**common, "strategy": "cross_attention", "regime": "align", "status": "ok", "wall_s": 950.0},
+                {**common, "strategy": "late", "regime": "lora", "status": "ok", "wall_s": 250.0},
+                {**common, "strategy": "projector", "regime": "align", "status": "failed", "wall_s": 5.0}]
+    assert estimate_seconds([cross], measured) == 950  # the same strategy and regime
     assert estimate_seconds([proj], measured) == 600  # no measured projector: the mean of measured vlm jobs
-    assert estimate_seconds([text], measured) == SECONDS_PER_JOB["text_only"]  # nothing of its kind measured
+    # Nothing of its kind measured: the tiny time, scaled as the measured jobs were (950 / 190, 250 / 150).
+    assert estimate_seconds([text], measured) == pytest.approx(SECONDS_PER_JOB["text_only"] * (5 + 5 / 3) / 2)
 
 
 def test_a_subset_of_conditions_is_all_that_is_tested(bench, tmp_path):

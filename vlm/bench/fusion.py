@@ -12,6 +12,7 @@ job: DIR/results.csv, DIR/results.md and three plots (vlm/bench/fusion_report.py
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ SEVERITIES = (1, 2, 3)
 SECONDS_PER_JOB = {"early": 170, "cross_attention": 190, "late": 150, "text_only": 120, "base_lm": 25}
 """Rough wall time of one job of the default run on a quiet 2-core CPU, for the estimate printed first."""
 DEFAULT_SECONDS = 150
+TIMED = ("name", "kind", "strategy", "regime", "dropout", "seed")
 
 
 @dataclass
@@ -96,15 +98,21 @@ def plan_jobs(strategies: list[str], regimes: list[str], dropouts: list[float], 
 
 def estimate_seconds(jobs: list[Job], measured: list[dict[str, Any]] = ()) -> float:
     """Each job's wall time: the mean of measured jobs (earlier parts' rows.json, or this part's done jobs)
-    with its strategy, regime and kind, else of its kind, else the tiny default's `SECONDS_PER_JOB`."""
+    with its strategy, regime and kind, else of its kind, else the tiny default's `SECONDS_PER_JOB` times
+    how much slower the measured jobs ran than theirs."""
     done = [r for r in measured if r.get("status") == "ok" and r.get("wall_s")]
+
+    def tiny(job: Any) -> float:
+        return SECONDS_PER_JOB.get(job.kind if job.kind != "vlm" else job.strategy, DEFAULT_SECONDS)
+
+    scale = statistics.mean(r["wall_s"] / tiny(Job(**{k: r[k] for k in TIMED})) for r in done) if done else 1.0
 
     def seconds(job: Job) -> float:
         for keys in (("kind", "strategy", "regime"), ("kind",)):
             times = [r["wall_s"] for r in done if all(r[k] == getattr(job, k) for k in keys)]
             if times:
                 return sum(times) / len(times)
-        return SECONDS_PER_JOB.get(job.kind if job.kind != "vlm" else job.strategy, DEFAULT_SECONDS)
+        return tiny(job) * scale
 
     return sum(seconds(job) for job in jobs)
 
