@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.dropout import DROPPED_IMAGE_MODES
+from ..data.dropout import check_dropped_image
 from ..progress import progress_bar
 from .fusion_report import write_results
 
@@ -50,7 +50,6 @@ SEVERITIES = (1, 2, 3)
 SECONDS_PER_JOB = {"early": 170, "cross_attention": 190, "late": 150, "text_only": 120, "base_lm": 25}
 """Rough wall time of one job of the default run on a quiet 2-core CPU, for the estimate printed first."""
 DEFAULT_SECONDS = 150
-TIMED = ("name", "kind", "strategy", "regime", "dropout", "seed")
 
 
 @dataclass
@@ -83,8 +82,7 @@ def plan_jobs(strategies: list[str], regimes: list[str], dropouts: list[float], 
         if regime not in REGIME_OVERRIDES:
             raise ValueError(f"--regimes: unknown regime '{regime}'; choose from {sorted(REGIME_OVERRIDES)}.")
     for mode in dropped_images:
-        if mode not in DROPPED_IMAGE_MODES:
-            raise ValueError(f"--dropped-image: unknown '{mode}'; choose from {', '.join(DROPPED_IMAGE_MODES)}.")
+        check_dropped_image(mode, "--dropped-image")
     # The base LM does not train, so its row is the same for every seed: scored once, with seed 0.
     jobs = [Job("base_lm", "base_lm", "projector", "frozen", 0.0, 0)] if text_only and 0 in seeds else []
     for seed in seeds:
@@ -102,17 +100,17 @@ def estimate_seconds(jobs: list[Job], measured: list[dict[str, Any]] = ()) -> fl
     how much slower the measured jobs ran than theirs."""
     done = [r for r in measured if r.get("status") == "ok" and r.get("wall_s")]
 
-    def tiny(job: Any) -> float:
-        return SECONDS_PER_JOB.get(job.kind if job.kind != "vlm" else job.strategy, DEFAULT_SECONDS)
+    def tiny(kind: str, strategy: str) -> float:
+        return SECONDS_PER_JOB.get(kind if kind != "vlm" else strategy, DEFAULT_SECONDS)
 
-    scale = statistics.mean(r["wall_s"] / tiny(Job(**{k: r[k] for k in TIMED})) for r in done) if done else 1.0
+    scale = statistics.mean(r["wall_s"] / tiny(r["kind"], r["strategy"]) for r in done) if done else 1.0
 
     def seconds(job: Job) -> float:
         for keys in (("kind", "strategy", "regime"), ("kind",)):
             times = [r["wall_s"] for r in done if all(r[k] == getattr(job, k) for k in keys)]
             if times:
                 return sum(times) / len(times)
-        return tiny(job) * scale
+        return tiny(job.kind, job.strategy) * scale
 
     return sum(seconds(job) for job in jobs)
 
@@ -157,7 +155,8 @@ def job_overrides(job: Job, data: dict[str, Any], settings: dict[str, Any], user
         *strategy_overrides(job.strategy), *REGIME_OVERRIDES.get(job.regime, []),
         f"data.train_files=[{data['train']}]", f"data.eval_files=[{data['eval']}]",
         f"data.cache_features={str(reads_tower).lower()}", f"data.cache_dir={out / 'feature_cache'}",
-        f"train.image_dropout={job.dropout}", f"train.dropped_image={job.dropped_image}", f"train.seed={job.seed}", f"train.max_steps={settings['max_steps']}",
+        f"train.image_dropout={job.dropout}", f"train.dropped_image={job.dropped_image}", f"train.seed={job.seed}",
+        f"train.max_steps={settings['max_steps']}",
         f"train.eval_every={settings['eval_every']}", f"train.early_stopping_patience={settings['patience']}",
         f"train.early_stopping_min_delta={settings['min_delta']}", f"train.batch_size={settings['batch_size']}",
         "train.report_to=none", "train.save_every=0",

@@ -151,7 +151,8 @@ def markdown_tables(groups: list[dict[str, Any]]) -> list[str]:
         "`acc converged`: after early stopping (steps run, and the step of the best eval loss); `no image`: the "
         "image dropped; `graceful`: no-image accuracy / the text-only model's; `MG` / `ML`: MMStar's "
         "multimodal gain (clean - no image) and leakage (no image - the base LM's no image, if above 0); "
-        "`noise 3` etc.: the strongest corruption; `trusts image / note`: on conflict items, answers that follow each; `text loss`: the LM's "
+        "`noise 3` etc.: the strongest corruption; `trusts image / note`: on conflict items, answers that "
+        "follow each; `text loss`: the LM's "
         "own loss on held-out plain text (lower is better; the base LM's row is the before). Params exclude a "
         "tower the strategy never runs. step ms is the median step; peak MB the job's process peak (RSS on CPU).",
     )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from .dropout import DROPPED_IMAGE_MODES, drop_images, dropout_generator
+from .dropout import check_dropped_image, drop_images, dropout_generator
 from ..config import DataConfig, DataFile
 from .mixture import read_files
 from .feature_cache import FeatureCache
@@ -41,11 +41,8 @@ class ConversationDataset(Dataset):
     ) -> None:
         if not 0.0 <= image_dropout <= 1.0:
             raise ValueError(f"train.image_dropout / --image-drop must be in [0, 1], got {image_dropout}.")
-        if dropped_image not in DROPPED_IMAGE_MODES:
-            raise ValueError(f"train.dropped_image / --dropped-image: unknown '{dropped_image}'; "
-                             f"choose from {', '.join(DROPPED_IMAGE_MODES)}.")
         self.image_dropout, self.seed, self.epoch = image_dropout, seed, 0
-        self.dropped_image = dropped_image
+        self.dropped_image = check_dropped_image(dropped_image)
         self.processor = processor
         self.feature_cache = feature_cache
         self.strict = strict

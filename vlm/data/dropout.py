@@ -26,6 +26,13 @@ from .sample import IMAGE_TAG, Sample
 DROPPED_IMAGE_MODES = ("remove", "blank")
 
 
+def check_dropped_image(mode: str, key: str = "train.dropped_image / --dropped-image") -> str:
+    """`mode` if it is one of DROPPED_IMAGE_MODES, else a one-line error naming `key`."""
+    if mode not in DROPPED_IMAGE_MODES:
+        raise ValueError(f"{key}: unknown '{mode}'; choose from {', '.join(DROPPED_IMAGE_MODES)}.")
+    return mode
+
+
 def blank_image() -> Image.Image:
     """The stand-in for a dropped image under `blank`: uniform mid-grey, resized by the image transform."""
     return Image.new("RGB", (32, 32), (128, 128, 128))
@@ -43,8 +50,6 @@ def drop_images(
     their tags (with the newline or space that follows one). A tag that is a turn's whole text is kept
     with its image, since removing it would leave an empty turn. `mode="blank"`: every drawn image is
     replaced by `blank_image()` instead, its tag kept."""
-    if mode not in DROPPED_IMAGE_MODES:
-        raise ValueError(f"train.dropped_image / --dropped-image: unknown '{mode}'; choose from {DROPPED_IMAGE_MODES}.")
     if p <= 0 or not sample.images:
         return sample
     drop = (torch.rand(len(sample.images), generator=generator) < p).tolist()
