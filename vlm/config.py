@@ -270,6 +270,10 @@ class TrainConfig:
     dropped_image: Literal["remove", "blank"] = "remove"
     """Where a dropped image goes: `remove` (image and tag, the LM reads plain text) or `blank` (a grey image
     takes its place, so the fusion still runs and can learn the no-picture case; vlm/data/dropout.py)."""
+    image_corruption: float = 0.0
+    """ModDrop-style augmentation: corrupt each kept training image with this probability (noise, blur or
+    occlusion at a random severity, as in the robustness tests), so the model learns to use the text when
+    the picture is unreliable. Needs `data.cache_features=false`."""
     strategy: Literal["auto", "single", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
     """How training is spread over processes. `auto`: what `accelerate launch --config_file` asked for
     (FSDP -> fsdp2, DeepSpeed -> zero2 / zero3 by its stage), else `ddp` with several processes, else `single`."""
@@ -308,6 +312,9 @@ class TrainConfig:
                               f"got {self.eval_generate_samples}.")
         if not self.early_stopping_min_delta >= 0:
             raise ConfigError(f"train.early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}.")
+        for key in ("image_dropout", "image_corruption"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"train.{key} is a probability in [0, 1], got {getattr(self, key)}.")
 
 
 @dataclass

@@ -224,3 +224,38 @@ def test_image_dropout_is_deterministic_per_seed_epoch_index(model_config):
     assert first != kept(0, 1) and first != kept(1, 0)
     expected = [bool(torch.rand(1, generator=dropout_generator(0, 0, i)) >= 0.5) for i in range(24)]
     assert first == expected
+
+
+def test_image_corruption_is_a_test_time_corruption_drawn_per_seed_epoch_index(model_config):
+    from vlm.config import ConfigError, TrainConfig
+    from vlm.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+
+    model = _build(model_config, "resampler")
+    processor = processor_for(model)
+    samples = [dataclasses.replace(_samples()[i % 2], id=str(i)) for i in range(12)]
+    clean = ConversationDataset(samples, processor)
+
+    def pixels(p: float, seed: int = 0, epoch: int = 0) -> list[torch.Tensor]:
+        dataset = ConversationDataset(samples, processor, image_corruption=p, seed=seed)
+        dataset.set_epoch(epoch)
+        return [dataset[i]["pixel_values"] for i in range(len(dataset))]
+
+    every, corrupted = pixels(1.0), ConversationDataset(samples, processor, image_corruption=1.0)
+    for i, got in enumerate(every):
+        assert torch.equal(corrupted[i]["input_ids"], clean[i]["input_ids"])  # the text is untouched
+        generator = dropout_generator(0, 0, i)
+        torch.rand(1, generator=generator)
+        kind, severity, seed = torch.randint(0, 2**31 - 1, (1, 3), generator=generator)[0].tolist()
+        expected = corrupt(samples[i].images[0], CORRUPTIONS[kind % 3], SEVERITIES[severity % 3], seed)
+        torch.testing.assert_close(got, processor.image_transform(expected)[None])
+        assert not torch.equal(got, clean[i]["pixel_values"])
+    assert all(torch.equal(a, b) for a, b in zip(every, pixels(1.0)))  # a re-run draws the same
+    assert not all(torch.equal(a, b) for a, b in zip(every, pixels(1.0, epoch=1)))
+    half = [torch.equal(a, clean[i]["pixel_values"]) for i, a in enumerate(pixels(0.5))]
+    assert 0 < sum(half) < len(half)
+
+    cache = object()  # any cache: the check comes first
+    with pytest.raises(ValueError, match="data.cache_features=false"):
+        ConversationDataset(samples, processor, image_corruption=0.5, feature_cache=cache)
+    with pytest.raises(ConfigError, match="train.image_corruption"):
+        TrainConfig(image_corruption=1.5)

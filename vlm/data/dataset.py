@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from .dropout import check_dropped_image, drop_images, dropout_generator
+from .dropout import check_dropped_image, corrupt_images, drop_images, dropout_generator
 from ..config import DataConfig, DataFile
 from .mixture import read_files
 from .feature_cache import FeatureCache
@@ -32,16 +32,23 @@ class ConversationDataset(Dataset):
     image_dropout: each image is dropped (with its `<image>` tag) with this probability, drawn from
     (seed, epoch, index) so a resumed run sees the same draws; call `set_epoch` at each epoch.
     dropped_image: `remove` (image and tag) or `blank` (a grey image in its place; vlm/data/dropout.py).
+    image_corruption: each kept image is corrupted (random test-time corruption) with this probability,
+    from the same draws; the pixels change, so it cannot be served from a feature cache.
     """
 
     def __init__(
         self, samples: list[Sample], processor: VLMProcessor, strict: bool = False,
         errors: list[SampleError] = (), for_generation: bool = False, feature_cache: FeatureCache | None = None,
-        image_dropout: float = 0.0, seed: int = 0, dropped_image: str = "remove",
+        image_dropout: float = 0.0, seed: int = 0, dropped_image: str = "remove", image_corruption: float = 0.0,
     ) -> None:
         if not 0.0 <= image_dropout <= 1.0:
             raise ValueError(f"train.image_dropout / --image-drop must be in [0, 1], got {image_dropout}.")
-        self.image_dropout, self.seed, self.epoch = image_dropout, seed, 0
+        if not 0.0 <= image_corruption <= 1.0:
+            raise ValueError(f"train.image_corruption must be in [0, 1], got {image_corruption}.")
+        if image_corruption > 0 and feature_cache is not None:
+            raise ValueError("train.image_corruption changes the pixels each step, which the frozen-feature cache "
+                             "cannot serve; set data.cache_features=false.")
+        self.image_dropout, self.image_corruption, self.seed, self.epoch = image_dropout, image_corruption, seed, 0
         self.dropped_image = check_dropped_image(dropped_image)
         self.processor = processor
         self.feature_cache = feature_cache
@@ -73,11 +80,12 @@ class ConversationDataset(Dataset):
         cls, files: list[str | DataFile], processor: VLMProcessor, image_root: str | None = None, strict: bool = False,
         for_generation: bool = False, feature_cache: FeatureCache | None = None,
         image_dropout: float = 0.0, seed: int = 0, data: DataConfig | None = None, dropped_image: str = "remove",
+        image_corruption: float = 0.0,
     ) -> "ConversationDataset":
         """`files` may carry weights (a weighted mixture); `data` supplies the table prompt templates."""
         samples, errors = read_files(files, image_root, data, seed)
         return cls(samples, processor, strict, errors, for_generation, feature_cache, image_dropout, seed,
-                   dropped_image)
+                   dropped_image, image_corruption)
 
     def set_epoch(self, epoch: int) -> None:
         """Image dropout draws depend on the epoch: call before each pass over the data."""
@@ -105,12 +113,12 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
+        generator = dropout_generator(self.seed, self.epoch, index)
         if self.image_dropout > 0:
-            sample = drop_images(
-                sample, self.image_dropout, dropout_generator(self.seed, self.epoch, index), self.processor.image_token,
-                self.dropped_image,
-            )
+            sample = drop_images(sample, self.image_dropout, generator, self.processor.image_token, self.dropped_image)
         try:
+            if self.image_corruption > 0:
+                sample = corrupt_images(sample, self.image_corruption, generator, self.processor.max_image_pixels)
             if self.feature_cache is None:
                 return self.processor(sample, for_generation=self.for_generation)
             return self._with_cached_features(sample)

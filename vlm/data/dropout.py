@@ -10,6 +10,11 @@ Where a dropped image goes (`train.dropped_image`, `vlm predict --dropped-image`
 the image and its tag, so the LM reads plain text (and a frozen LM answers as it always did);
 `blank` keeps the tag and puts a blank grey image in its place, so the fusion still runs and can
 learn what to do when the picture carries nothing (with a frozen LM, the only part that can learn it).
+
+Corruption (`train.image_corruption`, ModDrop-style augmentation): each kept image is, with its own
+probability, replaced by a copy corrupted by a random kind and severity of vlm/eval/corruptions.py (the
+test-time corruptions), so the model meets unreliable pictures in training and can learn to lean on the
+text when the picture is bad. Drawn from the same per-sample generator as the dropout.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 
 from PIL import Image
 
+from ..eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from .images import load_images
 from .sample import IMAGE_TAG, Sample
 
 DROPPED_IMAGE_MODES = ("remove", "blank")
@@ -73,3 +80,21 @@ def drop_images(
         pieces.append(content[last:])
         messages.append({**message, "content": "".join(pieces)})
     return dataclasses.replace(sample, messages=messages, images=kept_images)
+
+
+def corrupt_images(sample: Sample, p: float, generator: torch.Generator, max_pixels: int | None = None) -> Sample:
+    """A copy of `sample` whose images are each, with probability p, corrupted by a kind and severity
+    drawn uniformly (decoded here; an unreadable image is the usual `SampleError`)."""
+    if p <= 0 or not sample.images:
+        return sample
+    draws = torch.rand(len(sample.images), generator=generator).tolist()
+    picks = torch.randint(0, 2**31 - 1, (len(sample.images), 3), generator=generator).tolist()
+    if not any(u < p for u in draws):
+        return sample
+    decoded = load_images(sample, max_pixels)
+    images = [
+        corrupt(image, CORRUPTIONS[kind % len(CORRUPTIONS)], SEVERITIES[severity % len(SEVERITIES)], seed)
+        if u < p else original
+        for image, original, u, (kind, severity, seed) in zip(decoded, sample.images, draws, picks)
+    ]
+    return dataclasses.replace(sample, images=images)

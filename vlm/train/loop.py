@@ -136,11 +136,14 @@ class Trainer:
     def _setup_data(self, model: VLM) -> None:
         """The feature cache, the training set with its sampler and loader, the eval loader."""
         config, env, processor = self.config, self.env, self.processor
+        if config.train.image_corruption > 0 and config.data.cache_features:  # found before the cache is built
+            raise ValueError("train.image_corruption changes the pixels each step, which the frozen-feature cache "
+                             "cannot serve; set data.cache_features=false.")
         cache = self._feature_cache(model) if config.data.cache_features else None
         self.train_set = ConversationDataset.from_files(
             config.data.train_files, processor, config.data.image_root, config.data.strict,
             feature_cache=cache, image_dropout=config.train.image_dropout, seed=config.train.seed, data=config.data,
-            dropped_image=config.train.dropped_image,
+            dropped_image=config.train.dropped_image, image_corruption=config.train.image_corruption,
         )
         if len(self.train_set) == 0:
             raise DataError(f"No usable training samples in {config.data.train_files} "
