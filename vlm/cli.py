@@ -71,6 +71,7 @@ def _bench_fusion(args: argparse.Namespace) -> int:
         args.eval_images, args.test_images, not args.no_text_only, args.overrides, args.max_new_tokens,
         args.batch_size, dropped_images=items(args.dropped_image), calibrate=args.calibrate or [],
         conditions=items(args.conditions) if args.conditions else None,
+        corruptions=[float(c) for c in items(args.image_corruption)],
     )
     print((Path(args.out) / "results.md").read_text())
     return 0 if all(row["status"] == "ok" for row in rows) else 1
@@ -254,11 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument("--dropped-image", default="remove",
                         help="where a dropped image goes: remove, blank, or both (comma-separated); blank rows "
                              "are named <strategy>+blank and also see a blank image in the no-image tests")
+    fusion.add_argument("--image-corruption", default="0",
+                        help="shares of training images corrupted at random, ModDrop-style (comma-separated); "
+                             "rows above 0 are named <strategy>+corrupt<p> and run the tower (no feature cache)")
     fusion.add_argument("--conditions", default=None,
                         help="test only these conditions (comma-separated, with clean and no_image); default all 13")
     fusion.add_argument("--calibrate", nargs="+", default=None, metavar="DIR",
                         help="earlier bench folders whose measured job times make the time estimate")
-    fusion.add_argument("--seeds", default="1", help="N: seeds 0..N-1 per job (mean +- std); or a list: 1,2")
+    fusion.add_argument("--seeds", default="1", help="N: seeds 0..N-1 per job (mean +- std); or a list: 1,2 (one seed: 3,)")
     fusion.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                         help="only rewrite the results of these bench folders as one, into --out")
     fusion.add_argument("--max-steps", type=int, default=400, help="step cap of early stopping")

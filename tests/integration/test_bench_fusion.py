@@ -91,6 +91,12 @@ def test_bench_fusion_writes_every_column_and_plot_and_records_a_failure(bench, 
     table = (out / "results.md").read_text()
     for title in ("Accuracy and cost", "Accuracy per evidence source and condition", "Accuracy under corruption"):
         assert f"### {title}" in table
+    if conflicts:  # which modality conflict items follow, per condition, with their count
+        records = json.loads((out / "data" / "test_clean.json").read_text())
+        block = table.split("### Conflict items")[1]
+        cells = next(line for line in block.splitlines() if line.startswith("| projector |")).split(" | ")
+        assert int(cells[3]) == sum(r["evidence"] == "conflict" for r in records)
+        assert cells[5] == f"{100 * float(rows[2]['clean:trust_note']):.1f}"
     assert "| no_such_fusion | finetune | 0 | failed: " in table
     for plot in ("fusion_corruption.png", "fusion_evidence.png", "fusion_params.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -137,6 +143,24 @@ def test_blank_rows_are_their_own_jobs_and_only_with_dropout(tmp_path):
     assert "train.dropped_image=remove" in job_overrides(jobs[1], data, settings, [], tmp_path)
     with pytest.raises(ValueError, match="--dropped-image"):
         plan_jobs(["projector"], ["align"], [0.3], [0], False, ["zeros"])
+
+
+def test_corruption_rows_train_on_corrupted_pixels_and_run_the_tower(tmp_path):
+    from vlm.bench.fusion import bench_fusion, job_overrides, plan_jobs
+
+    jobs = plan_jobs(["cross_attention"], ["align"], [0.3], [0], False, ["blank"], [0.0, 0.5])
+    assert [j.name for j in jobs] == ["cross_attention+blank", "cross_attention+blank+corrupt0.5"]
+    assert len({j.folder for j in jobs}) == 2
+    settings = {"max_steps": 4, "eval_every": 2, "patience": 1, "min_delta": 0.0, "batch_size": 4}
+    data = {"train": "t.json", "eval": "e.json"}
+    plain, corrupted = (job_overrides(j, data, settings, [], tmp_path) for j in jobs)
+    assert "data.cache_features=true" in plain and "train.image_corruption=0.0" in plain
+    # Corrupted pixels change at every step, so the cache cannot serve them (the trainer refuses it).
+    assert "data.cache_features=false" in corrupted and "train.image_corruption=0.5" in corrupted
+    with pytest.raises(ValueError, match="--image-corruption"):
+        plan_jobs(["projector"], ["align"], [0.3], [0], False, ["remove"], [1.5])
+    with pytest.raises(ValueError, match="--seeds 0 runs no job"):
+        bench_fusion("unused.yaml", tmp_path / "none", ["projector"], seeds=0)
 
 
 def test_the_estimate_follows_measured_jobs():

@@ -64,6 +64,8 @@ class Job:
     seed: int
     dropped_image: str = "remove"
     """Where a dropped image goes, in training and in the no-image test conditions (vlm/data/dropout.py)."""
+    corruption: float = 0.0
+    """`train.image_corruption`: the share of training images corrupted at random (ModDrop-style)."""
 
     @property
     def folder(self) -> str:
@@ -75,9 +77,13 @@ def strategy_overrides(strategy: str) -> list[str]:
 
 
 def plan_jobs(strategies: list[str], regimes: list[str], dropouts: list[float], seeds: list[int],
-              text_only: bool = True, dropped_images: list[str] = ("remove",)) -> list[Job]:
+              text_only: bool = True, dropped_images: list[str] = ("remove",),
+              corruptions: list[float] = (0.0,)) -> list[Job]:
     """Baselines first (the text-only floor is every later row's reference), then the grid. A `blank`
-    job is named `<strategy>+blank` (its own row) and only planned with dropout > 0, where it differs."""
+    job is named `<strategy>+blank` (its own row) and only planned with dropout > 0, where it differs;
+    one trained with corrupted images `<strategy>+corrupt<p>`."""
+    if any(not 0 <= c <= 1 for c in corruptions):
+        raise ValueError(f"--image-corruption rates must be in [0, 1], got {list(corruptions)}.")
     for regime in regimes:
         if regime not in REGIME_OVERRIDES:
             raise ValueError(f"--regimes: unknown regime '{regime}'; choose from {sorted(REGIME_OVERRIDES)}.")
@@ -88,9 +94,10 @@ def plan_jobs(strategies: list[str], regimes: list[str], dropouts: list[float], 
     for seed in seeds:
         if text_only:
             jobs.append(Job("text_only", "text_only", "projector", "finetune", 1.0, seed))
-        jobs += [Job(s if mode == "remove" else f"{s}+{mode}", "vlm", s, r, d, seed, mode)
+        jobs += [Job(f"{s}{'' if mode == 'remove' else '+' + mode}{f'+corrupt{c:g}' if c else ''}", "vlm", s, r, d,
+                     seed, mode, c)
                  for r in regimes for s in strategies for d in dropouts for mode in dropped_images
-                 if mode == "remove" or d > 0]
+                 for c in corruptions if mode == "remove" or d > 0]
     return jobs
 
 
@@ -150,12 +157,14 @@ def build_data(out: Path, train_images: int, eval_images: int, test_images: int,
 
 
 def job_overrides(job: Job, data: dict[str, Any], settings: dict[str, Any], user: list[str], out: Path) -> list[str]:
-    reads_tower = job.strategy != "early" and job.kind == "vlm"
+    # Corrupted pixels differ at every step, so such a job runs the frozen tower instead of the cache.
+    reads_tower = job.strategy != "early" and job.kind == "vlm" and not job.corruption
     overrides = [
         *strategy_overrides(job.strategy), *REGIME_OVERRIDES.get(job.regime, []),
         f"data.train_files=[{data['train']}]", f"data.eval_files=[{data['eval']}]",
         f"data.cache_features={str(reads_tower).lower()}", f"data.cache_dir={out / 'feature_cache'}",
         f"train.image_dropout={job.dropout}", f"train.dropped_image={job.dropped_image}", f"train.seed={job.seed}",
+        f"train.image_corruption={job.corruption}",
         f"train.max_steps={settings['max_steps']}",
         f"train.eval_every={settings['eval_every']}", f"train.early_stopping_patience={settings['patience']}",
         f"train.early_stopping_min_delta={settings['min_delta']}", f"train.batch_size={settings['batch_size']}",
@@ -170,7 +179,7 @@ def bench_fusion(
     eval_every: int = 50, patience: int = 2, min_delta: float = 0.005, batch_size: int = 8,
     train_images: int = 2000, eval_images: int = 100, test_images: int = 50, text_only: bool = True, overrides: list[str] = (), max_new_tokens: int = 4,
     eval_batch_size: int = 64, image_size: int = 64, dropped_images: list[str] = ("remove",),
-    calibrate: list[str | Path] = (), conditions: list[str] | None = None,
+    calibrate: list[str | Path] = (), conditions: list[str] | None = None, corruptions: list[float] = (0.0,),
 ) -> list[dict[str, Any]]:
     """Run every job, one after another, each in its own process; returns the result rows. `calibrate`:
     earlier bench folders whose measured wall times make the estimate (a real LM is ~10-50x the tiny one).
@@ -180,8 +189,11 @@ def bench_fusion(
     dropouts = [float(d) for d in dropouts]
     if any(not 0 <= d < 1 for d in dropouts):
         raise ValueError(f"--dropout rates must be in [0, 1), got {dropouts}.")
+    if isinstance(seeds, int) and seeds < 1:
+        raise ValueError(f"--seeds {seeds} runs no job; give a count N >= 1 (seeds 0..N-1) or a list (one seed: '3,').")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    jobs = plan_jobs(list(strategies), list(regimes), dropouts, seeds, text_only, list(dropped_images))
+    jobs = plan_jobs(list(strategies), list(regimes), dropouts, seeds, text_only, list(dropped_images),
+                     [float(c) for c in corruptions])
     measured = [row for folder in calibrate for row in json.loads((Path(folder) / "rows.json").read_text())["rows"]]
     source = f"from the jobs measured in {', '.join(map(str, calibrate))}" if measured else (
         "from the tiny default's job times; pass --calibrate with an earlier part's folder for other backbones")

@@ -172,7 +172,16 @@ def markdown_tables(groups: list[dict[str, Any]]) -> list[str]:
          for g in ok],
         "Severities 1-3 of Gaussian noise, blur and a grey occluding square (vlm/eval/corruptions.py).",
     )
-    return main + evidence + robustness
+    tested = [c for c in ("clean", "no_image", *CORRUPTED) if any(g.get(f"{c}:trust_note") for g in ok)]
+    conflict = table(
+        "Conflict items: which modality the answer follows",
+        [*key, "items", *(f"{c.replace('_', ' ')}: {m}" for c in tested for m in ("image", "note"))],
+        [[*_label(g), _num(g, "clean:n_conflict"),
+          *(_pct(g, f"{c}:trust_{m}") for c in tested for m in ("image", "note"))] for g in ok],
+        "The note states a wrong value; `image` / `note`: answers that follow each (they need not sum to 100). "
+        "A model that weighs the modalities by their reliability follows the note more as the image degrades.",
+    ) if tested else []
+    return main + evidence + robustness + conflict
 
 
 def _pyplot():

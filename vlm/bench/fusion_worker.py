@@ -46,7 +46,8 @@ def score(predictions: Path, records: list[dict[str, Any]]) -> dict[str, float]:
         groups["all"].append(correct)
         groups[record["evidence"]].append(correct)
         groups[f"type_{record['type']}"].append(correct)
-    return {name: sum(values) / len(values) for name, values in groups.items() if values}
+    means = {name: sum(values) / len(values) for name, values in groups.items() if values}
+    return {**means, "n_conflict": len(groups["trust_image"])} if groups["trust_image"] else means
 
 
 def evaluate(model: Any, processor: Any, job: dict[str, Any], conditions: list[str], out: Path) -> dict[str, Any]:
