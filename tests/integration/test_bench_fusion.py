@@ -195,3 +195,28 @@ def test_a_subset_of_conditions_is_all_that_is_tested(bench, tmp_path):
     robustness = (out / "results.md").read_text().split("### Accuracy under corruption")[1]
     cells = next(line for line in robustness.splitlines() if line.startswith("| projector")).split(" | ")
     assert cells[4:13].count("-") == 8 and cells[6] != "-"  # of the nine corruptions only noise3 was tested
+
+
+def test_the_plots_draw_the_spread_over_seeds(tmp_path):
+    """Two merged benches whose seeds have the same means but disagree by different amounts: every plot
+    must look different, since the spread (bands, error bars) is all that differs."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm.bench.fusion_report import average_seeds, plot_corruption, plot_evidence, plot_params
+
+    def rows(gap: float) -> list[dict]:
+        keys = ["clean", "no_image", *(f"{k}{s}" for k in ("noise", "blur", "occlusion") for s in (1, 2, 3))]
+        common = {"name": "projector", "kind": "vlm", "strategy": "projector", "regime": "align", "dropout": 0.0,
+                  "status": "ok", "trainable_params": 1000}
+        return [{**common, "seed": seed, **{f"{k}:{g}": 0.5 + sign * gap for k in keys
+                                            for g in ("all", "image", "note", "redundant", "complementary")}}
+                for seed, sign in ((0, -1), (1, 1))]
+
+    for plot in (plot_corruption, plot_evidence, plot_params):
+        pictures = []
+        for gap in (0.0, 0.2):
+            path = tmp_path / f"{plot.__name__}{gap}.png"
+            plot(path, average_seeds(rows(gap)))
+            pictures.append(np.asarray(Image.open(path).convert("RGB")))
+        assert pictures[0].shape != pictures[1].shape or (pictures[0] != pictures[1]).any(), plot.__name__

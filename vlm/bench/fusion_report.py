@@ -108,6 +108,11 @@ def _value(entry: dict[str, Any], key: str) -> float:
     return entry.get(key, (math.nan, None))[0]
 
 
+def _spread(entry: dict[str, Any], key: str) -> float:
+    """The std over seeds (0 with one seed), which the plots draw so a reader sees what is noise."""
+    return entry.get(key, (math.nan, None))[1] or 0.0
+
+
 def _pct(entry: dict[str, Any], key: str) -> str:
     mean, std = entry.get(key, (math.nan, None))
     if math.isnan(mean):
@@ -204,17 +209,20 @@ def _save(fig: Any, axes: Any, path: Path, legend_size: int) -> None:
 
 
 def plot_corruption(path: Path, groups: list[dict[str, Any]]) -> None:
-    """Accuracy vs severity per corruption kind, one line per strategy, the text-only floor drawn."""
+    """Accuracy vs severity per corruption kind, one line per strategy (a band: ± std over seeds), the
+    text-only floor drawn."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     floor = [_value(g, "no_image:all") for g in groups if g["kind"] == "text_only"]
     colours = plt.get_cmap("tab20").colors
     for ax, kind in zip(axes, ("noise", "blur", "occlusion")):
         for i, g in enumerate(g for g in groups if g["kind"] == "vlm"):
-            ys = [100 * _value(g, "clean:all"), *(100 * _value(g, f"{kind}{s}:all") for s in (1, 2, 3)),
-                  100 * _value(g, "no_image:all")]
+            keys = ["clean:all", *(f"{kind}{s}:all" for s in (1, 2, 3)), "no_image:all"]
+            ys, err = [100 * _value(g, k) for k in keys], [100 * _spread(g, k) for k in keys]
             ax.plot(range(5), ys, marker="o", linestyle="-" if g["dropout"] == 0 else "--", color=colours[i % 20],
                     label=f"{g['name']} ({g['regime']}, dropout {g['dropout']:g})")
+            ax.fill_between(range(5), [y - e for y, e in zip(ys, err)], [y + e for y, e in zip(ys, err)],
+                            color=colours[i % 20], alpha=0.15, linewidth=0)
         if floor:
             ax.axhline(100 * floor[0], color="black", linewidth=1, linestyle=":", label="text-only floor")
         ax.set_xticks(range(5), ["clean", "1", "2", "3", "no image"])
@@ -225,7 +233,8 @@ def plot_corruption(path: Path, groups: list[dict[str, Any]]) -> None:
 
 
 def plot_evidence(path: Path, groups: list[dict[str, Any]]) -> None:
-    """Per evidence source (and question type), bars per strategy, with and without the image."""
+    """Per evidence source (and question type), bars per strategy (error bars: std over seeds), with and
+    without the image."""
     plt = _pyplot()
     types = sorted({k.split(":type_")[1] for g in groups for k in g if k.startswith("clean:type_")})
     panels = [("clean", EVIDENCE_GROUPS, "image and note present"), ("no_image", EVIDENCE_GROUPS, "image dropped"),
@@ -236,7 +245,8 @@ def plot_evidence(path: Path, groups: list[dict[str, Any]]) -> None:
     for ax, (condition, keys, title) in zip(axes, panels):
         for i, g in enumerate(groups):
             ax.bar([x + i * width for x in range(len(keys))], [100 * _value(g, f"{condition}:{k}") for k in keys],
-                   width, label=" ".join(_label(g)), color=colours[i % 20])
+                   width, yerr=[100 * _spread(g, f"{condition}:{k}") for k in keys], capsize=1.5,
+                   label=" ".join(_label(g)), color=colours[i % 20])
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], [k.replace("type_", "") for k in keys],
                       rotation=20)
         ax.set_title(title)
@@ -245,13 +255,13 @@ def plot_evidence(path: Path, groups: list[dict[str, Any]]) -> None:
 
 
 def plot_params(path: Path, groups: list[dict[str, Any]]) -> None:
-    """Clean accuracy vs trainable parameters (log scale)."""
+    """Clean accuracy vs trainable parameters (log scale), error bars: std over seeds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for g in groups:
         x, y = _value(g, "trainable_params"), 100 * _value(g, "clean:all")
         if x > 0 and not math.isnan(y):
-            ax.scatter([x], [y])
+            ax.errorbar([x], [y], yerr=[100 * _spread(g, "clean:all")], fmt="o", capsize=2)
             ax.annotate(" ".join(_label(g)), (x, y), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
