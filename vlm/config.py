@@ -1,9 +1,8 @@
 """Typed run configuration: YAML file + dotted command-line overrides, validated on load.
 
-Every key is a dataclass field, so an unknown key or a value of the wrong type fails
-before any model is built, with a message that names the key. Each fusion strategy's options
-are its own section, `model.<strategy>`, defined and registered in the strategy's file.
-"""
+Every key is a dataclass field, so an unknown key or a value of the wrong type fails before any model
+is built, with a message that names the key. Each fusion strategy's options are its own section,
+`model.<strategy>`, defined and registered in the strategy's file."""
 
 from __future__ import annotations
 
@@ -271,9 +270,7 @@ class TrainConfig:
     """Where a dropped image goes: `remove` (image and tag, the LM reads plain text) or `blank` (a grey image
     takes its place, so the fusion still runs and can learn the no-picture case; vlm/data/dropout.py)."""
     image_corruption: float = 0.0
-    """ModDrop-style augmentation: corrupt each kept training image with this probability (noise, blur or
-    occlusion at a random severity, as in the robustness tests), so the model learns to use the text when
-    the picture is unreliable. Needs `data.cache_features=false`."""
+    """ModDrop-style: corrupt each kept training image with this probability (vlm/data/dropout.py); no feature cache."""
     strategy: Literal["auto", "single", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
     """How training is spread over processes. `auto`: what `accelerate launch --config_file` asked for
     (FSDP -> fsdp2, DeepSpeed -> zero2 / zero3 by its stage), else `ddp` with several processes, else `single`."""
@@ -312,9 +309,8 @@ class TrainConfig:
                               f"got {self.eval_generate_samples}.")
         if not self.early_stopping_min_delta >= 0:
             raise ConfigError(f"train.early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}.")
-        for key in ("image_dropout", "image_corruption"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(f"train.{key} is a probability in [0, 1], got {getattr(self, key)}.")
+        for key in (k for k in ("image_dropout", "image_corruption") if not 0 <= getattr(self, k) <= 1):
+            raise ConfigError(f"train.{key} is a probability in [0, 1], got {getattr(self, key)}.")
 
 
 @dataclass
