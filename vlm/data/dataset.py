@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from .dropout import check_dropped_image, corrupt_images, drop_images, dropout_generator
+from .dropout import check_dropped_image, check_image_corruption, corrupt_images, drop_images, dropout_generator
 from ..config import DataConfig, DataFile
 from .mixture import read_files
 from .feature_cache import FeatureCache
@@ -43,12 +43,8 @@ class ConversationDataset(Dataset):
     ) -> None:
         if not 0.0 <= image_dropout <= 1.0:
             raise ValueError(f"train.image_dropout / --image-drop must be in [0, 1], got {image_dropout}.")
-        if not 0.0 <= image_corruption <= 1.0:
-            raise ValueError(f"train.image_corruption must be in [0, 1], got {image_corruption}.")
-        if image_corruption > 0 and feature_cache is not None:
-            raise ValueError("train.image_corruption changes the pixels each step, which the frozen-feature cache "
-                             "cannot serve; set data.cache_features=false.")
-        self.image_dropout, self.image_corruption, self.seed, self.epoch = image_dropout, image_corruption, seed, 0
+        self.image_corruption = check_image_corruption(image_corruption, feature_cache is not None)
+        self.image_dropout, self.seed, self.epoch = image_dropout, seed, 0
         self.dropped_image = check_dropped_image(dropped_image)
         self.processor = processor
         self.feature_cache = feature_cache
@@ -113,7 +109,8 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        generator = dropout_generator(self.seed, self.epoch, index)
+        if self.image_dropout > 0 or self.image_corruption > 0:  # one generator for both, as before for dropout
+            generator = dropout_generator(self.seed, self.epoch, index)
         if self.image_dropout > 0:
             sample = drop_images(sample, self.image_dropout, generator, self.processor.image_token, self.dropped_image)
         try:

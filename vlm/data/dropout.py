@@ -40,6 +40,16 @@ def check_dropped_image(mode: str, key: str = "train.dropped_image / --dropped-i
     return mode
 
 
+def check_image_corruption(p: float, cached: bool) -> float:
+    """`p` if it is a usable `train.image_corruption`, else a one-line error (a cache cannot serve corrupted pixels)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"train.image_corruption must be in [0, 1], got {p}.")
+    if p > 0 and cached:
+        raise ValueError("train.image_corruption changes the pixels each step, which the frozen-feature cache "
+                         "cannot serve; set data.cache_features=false.")
+    return p
+
+
 def blank_image() -> Image.Image:
     """The stand-in for a dropped image under `blank`: uniform mid-grey, resized by the image transform."""
     return Image.new("RGB", (32, 32), (128, 128, 128))
@@ -91,10 +101,11 @@ def corrupt_images(sample: Sample, p: float, generator: torch.Generator, max_pix
     picks = torch.randint(0, 2**31 - 1, (len(sample.images), 3), generator=generator).tolist()
     if not any(u < p for u in draws):
         return sample
-    decoded = load_images(sample, max_pixels)
-    images = [
-        corrupt(image, CORRUPTIONS[kind % len(CORRUPTIONS)], SEVERITIES[severity % len(SEVERITIES)], seed)
-        if u < p else original
-        for image, original, u, (kind, severity, seed) in zip(decoded, sample.images, draws, picks)
-    ]
+
+    def corrupted(image: object, kind: int, severity: int, seed: int) -> Image.Image:
+        # Only the drawn images are decoded here; the others stay as given, decoded once by the processor.
+        decoded = load_images(dataclasses.replace(sample, images=[image]), max_pixels)[0]
+        return corrupt(decoded, CORRUPTIONS[kind % len(CORRUPTIONS)], SEVERITIES[severity % len(SEVERITIES)], seed)
+
+    images = [corrupted(image, *pick) if u < p else image for image, u, pick in zip(sample.images, draws, picks)]
     return dataclasses.replace(sample, images=images)

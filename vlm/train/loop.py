@@ -29,7 +29,7 @@ from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
-from ..data.dropout import blank_image
+from ..data.dropout import blank_image, check_image_corruption
 from ..data.sample import DataError, Sample
 from ..data.samplers import ResumableSampler, training_sampler
 from ..hub.publish import LATEST_DIR, TrainingPublisher
@@ -136,9 +136,7 @@ class Trainer:
     def _setup_data(self, model: VLM) -> None:
         """The feature cache, the training set with its sampler and loader, the eval loader."""
         config, env, processor = self.config, self.env, self.processor
-        if config.train.image_corruption > 0 and config.data.cache_features:  # found before the cache is built
-            raise ValueError("train.image_corruption changes the pixels each step, which the frozen-feature cache "
-                             "cannot serve; set data.cache_features=false.")
+        check_image_corruption(config.train.image_corruption, config.data.cache_features)  # before the cache is built
         cache = self._feature_cache(model) if config.data.cache_features else None
         self.train_set = ConversationDataset.from_files(
             config.data.train_files, processor, config.data.image_root, config.data.strict,
