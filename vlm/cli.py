@@ -71,7 +71,8 @@ def _bench_fusion(args: argparse.Namespace) -> int:
         args.eval_images, args.test_images, not args.no_text_only, args.overrides, args.max_new_tokens,
         args.batch_size, dropped_images=items(args.dropped_image), calibrate=args.calibrate or [],
         conditions=items(args.conditions) if args.conditions else None,
-        corruptions=[float(c) for c in items(args.image_corruption)],
+        corruptions=[float(c) for c in items(args.image_corruption)], image_size=args.image_size,
+        image_aspect=args.image_aspect,
     )
     print((Path(args.out) / "results.md").read_text())
     return 0 if all(row["status"] == "ok" for row in rows) else 1
@@ -274,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument("--train-images", type=int, default=2000)
     fusion.add_argument("--eval-images", type=int, default=100)
     fusion.add_argument("--test-images", type=int, default=50, help="test scenes (about 8 questions each)")
+    fusion.add_argument("--image-size", type=int, default=64, help="height of the rendered images in pixels")
+    fusion.add_argument("--image-aspect", type=float, default=1.0,
+                        help="width / height of the rendered images (e.g. 2, with data.tiling.max_tiles=2 "
+                             "data.cache_features=false, for aspect-preserving tiles)")
     fusion.add_argument("--no-text-only", action="store_true", help="skip the text-only and base-LM baselines")
     fusion.add_argument("--max-new-tokens", type=int, default=4)
     fusion.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")

@@ -197,6 +197,31 @@ def test_a_subset_of_conditions_is_all_that_is_tested(bench, tmp_path):
     assert cells[4:13].count("-") == 8 and cells[6] != "-"  # of the nine corruptions only noise3 was tested
 
 
+def test_wide_images_with_aspect_preserving_tiles(bench, tmp_path):
+    """--image-aspect 2 renders 2:1 images; with data.tiling.max_tiles=2 (and no feature cache, which tiling
+    cannot use) the saved model tiles each one as a 1x2 grid: a thumbnail plus two tiles that keep its sides."""
+    from PIL import Image
+
+    from vlm.processor import VLMProcessor
+
+    _, first = bench
+    config = next((first / "runs").glob("projector__*")) / "config.yaml"
+    out = tmp_path / "wide"
+    assert main(["bench", "fusion", "--config", str(config), "--out", str(out), "--strategies", "projector",
+                 "--dropout", "0", "--max-steps", "2", "--budget", "9", "--eval-every", "2", "--train-images", "8",
+                 "--eval-images", "2", "--test-images", "2", "--train-batch-size", "4", "--no-text-only",
+                 "--image-aspect", "2", "--conditions", "clean,no_image",
+                 "data.tiling.max_tiles=2", "data.cache_features=false"]) == 0
+    images = sorted((out / "data" / "images").glob("*.png"))
+    assert images and {Image.open(p).size for p in images} == {(128, 64)}
+    assert "128x64 px" in (out / "results.md").read_text()
+    run = next((out / "runs").iterdir())
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["tiling"]["max_tiles"] == 2
+    assert VLMProcessor.from_pretrained(run / "final").grid_for(128, 64) == (1, 2)
+    answered = (run / "predictions" / "clean.jsonl").read_text().splitlines()
+    assert len(answered) == len(json.loads((out / "data" / "test_clean.json").read_text()))
+
+
 def test_the_plots_draw_the_spread_over_seeds(tmp_path):
     """Two merged benches whose seeds have the same means but disagree by different amounts: every plot
     must look different, since the spread (bands, error bars) is all that differs."""

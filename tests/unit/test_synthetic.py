@@ -106,6 +106,31 @@ def test_render_scales_with_image_size() -> None:
     assert _components(_object_mask(image)) == 1
 
 
+def test_wide_scenes_use_the_whole_width_and_keep_their_regions() -> None:
+    """aspect=2 (the aspect-ratio bench, docs/fusion.md Finding 5): the canvas is twice as wide, a "left"
+    object lies in the left third of the whole width (outside a centre crop of the middle half), multi-object
+    scenes spread over the width, and the square render is unchanged by the new argument."""
+    for seed in range(5):
+        for position in POSITIONS:
+            image = render_scene(Scene("blue", "triangle", "small", 1, position), 64, random.Random(seed), aspect=2)
+            assert image.size == (128, 64)
+            ys, xs = np.nonzero(_object_mask(image))
+            cx, cy = xs.mean() / 128, ys.mean() / 64
+            expected = {"left": cx < 0.25, "right": cx > 0.75, "top": cy < 0.33, "bottom": cy > 0.67}[position]
+            assert expected, (position, cx, cy)
+    rng, xs = random.Random(0), []
+    for _ in range(100):
+        scene = random_scene(rng)
+        image = render_scene(scene, 64, rng, aspect=2)
+        mask = _object_mask(image)
+        assert _components(mask) == scene.count
+        xs += list(np.nonzero(mask)[1] / 128)
+    assert min(xs) < 0.1 and max(xs) > 0.9, "objects are spread over the whole width"
+    square = Scene("red", "circle", "large", 2, None)
+    assert (np.asarray(render_scene(square, 64, random.Random(1), aspect=1))
+            == np.asarray(render_scene(square, 64, random.Random(1)))).all()
+
+
 def test_scene_rejects_ill_defined_positions() -> None:
     with pytest.raises(ValueError):
         Scene("red", "circle", "small", 2, "left")

@@ -122,17 +122,19 @@ def estimate_seconds(jobs: list[Job], measured: list[dict[str, Any]] = ()) -> fl
     return sum(seconds(job) for job in jobs)
 
 
-def build_data(out: Path, train_images: int, eval_images: int, test_images: int, image_size: int) -> dict[str, Any]:
+def build_data(out: Path, train_images: int, eval_images: int, test_images: int, image_size: int,
+               aspect: float = 1.0) -> dict[str, Any]:
     """The evidence-bearing data and every test condition's file, built once; reused when the spec matches."""
     from ..embedded.evidence import make_evidence_dataset, without_note
     from ..eval.corruptions import corrupt_data_file
 
     data = out / "data"
-    spec = {"train": train_images, "eval": eval_images, "test": test_images, "image_size": image_size, "version": 1}
+    spec = {"train": train_images, "eval": eval_images, "test": test_images, "image_size": image_size, "version": 1,
+            **({"aspect": aspect} if aspect != 1 else {})}  # square data keeps the spec earlier folders wrote
     spec_file = data / "spec.json"
     if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
         return json.loads((data / "conditions.json").read_text())
-    paths = make_evidence_dataset(data, train_images, eval_images, test_images, image_size, seed=0)
+    paths = make_evidence_dataset(data, train_images, eval_images, test_images, image_size, seed=0, aspect=aspect)
     # Short answers only: captions take 24 new tokens each and are not what this benchmark asks.
     vqa = [r for r in json.loads(paths["test"].read_text()) if r["type"] != "caption"]
     cond = data / "conditions"
@@ -180,10 +182,12 @@ def bench_fusion(
     train_images: int = 2000, eval_images: int = 100, test_images: int = 50, text_only: bool = True, overrides: list[str] = (), max_new_tokens: int = 4,
     eval_batch_size: int = 64, image_size: int = 64, dropped_images: list[str] = ("remove",),
     calibrate: list[str | Path] = (), conditions: list[str] | None = None, corruptions: list[float] = (0.0,),
+    image_aspect: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Run every job, one after another, each in its own process; returns the result rows. `calibrate`:
     earlier bench folders whose measured wall times make the estimate (a real LM is ~10-50x the tiny one).
-    `conditions`: test only these (each costs a pass over the test questions); default all."""
+    `conditions`: test only these (each costs a pass over the test questions); default all. `image_aspect`:
+    width / height of the rendered images (2 with `data.tiling.max_tiles=2` tests aspect-preserving tiles)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dropouts = [float(d) for d in dropouts]
@@ -200,7 +204,7 @@ def bench_fusion(
     print(f"vlm bench fusion: {len(jobs)} jobs; estimated {estimate_seconds(jobs, measured) / 60:.0f} min on a quiet "
           f"2-core CPU ({source}).", flush=True)
     started = time.perf_counter()
-    data = build_data(out, train_images, eval_images, test_images, image_size)
+    data = build_data(out, train_images, eval_images, test_images, image_size, image_aspect)
     unknown = sorted(set(conditions or ()) - set(data["conditions"]))
     if unknown or (conditions is not None and not {"clean", "no_image"} <= set(conditions)):
         raise ValueError(f"--conditions must include clean and no_image, from {', '.join(data['conditions'])}; "
@@ -208,7 +212,8 @@ def bench_fusion(
     tested = {k: v for k, v in data["conditions"].items() if conditions is None or k in conditions}
     settings = {"max_steps": max_steps, "eval_every": eval_every, "patience": patience, "budget": budget,
                 "min_delta": min_delta, "batch_size": batch_size}
-    header = (f"Fusion benchmark: config `{config}`; evidence-bearing synthetic data ({train_images} training "
+    shape = "" if image_aspect == 1 else f" {round(image_size * image_aspect)}x{image_size} px"
+    header = (f"Fusion benchmark: config `{config}`; evidence-bearing synthetic data ({train_images} training{shape} "
               f"images, {data['questions']} test questions); batch {batch_size}; early stopping on eval loss (every "
               f"{eval_every} steps, patience {patience}, min delta {min_delta:g}, cap {max_steps} steps); equal "
               f"budget {budget} steps; seeds {', '.join(map(str, seeds))}; conditions: "

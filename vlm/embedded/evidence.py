@@ -193,14 +193,14 @@ def _train_record(split: str, i: int, rel: str, scene: Scene, rng: random.Random
     return {"id": f"{split}-{i:05d}", "image": rel, "conversations": _conversation(note, [first, *turns] if first else turns)}
 
 
-def _write_split(out_dir: Path, split: str, n: int, image_size: int, seed: int) -> list[dict]:
+def _write_split(out_dir: Path, split: str, n: int, image_size: int, seed: int, aspect: float) -> list[dict]:
     # String seeds hash deterministically (sha512), so each split is reproducible on its own.
     rng = random.Random(f"evidence:{seed}:{split}")
     samples: list[dict] = []
     for i in range(n):
         scene = random_scene(rng)
         rel = f"images/{split}_{i:05d}.png"
-        render_scene(scene, image_size, rng).save(out_dir / rel)
+        render_scene(scene, image_size, rng, aspect).save(out_dir / rel)
         if split == "test":
             samples.extend(_test_records(i, rel, scene, rng))
         else:
@@ -215,7 +215,9 @@ def make_evidence_dataset(
     n_test: int,
     image_size: int = 64,
     seed: int = 0,
+    aspect: float = 1.0,
 ) -> dict[str, Path]:
-    """Render images and write train/eval JSON (multi-turn, with notes) and per-question test JSON."""
+    """Render images and write train/eval JSON (multi-turn, with notes) and per-question test JSON. `aspect`:
+    width / height of every image (1: square; 2: wide, for aspect-ratio tests with tiling)."""
     return write_splits(out_dir, {"train": n_train, "eval": n_eval, "test": n_test},
-                        lambda out, split, n: _write_split(out, split, n, image_size, seed))
+                        lambda out, split, n: _write_split(out, split, n, image_size, seed, aspect))

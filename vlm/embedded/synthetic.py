@@ -111,27 +111,31 @@ def random_scene(rng: random.Random) -> Scene:
     )
 
 
-def layout(scene: Scene, image_size: int = 64, rng: random.Random | None = None) -> list[tuple[float, float, float]]:
-    """Object placements as (cx, cy, radius) in pixels; non-overlapping and inside the image."""
+def layout(scene: Scene, image_size: int = 64, rng: random.Random | None = None,
+           aspect: float = 1.0) -> list[tuple[float, float, float]]:
+    """Object placements as (cx, cy, radius) in pixels; non-overlapping and inside the image, which is
+    `image_size` high and `round(image_size * aspect)` wide (objects spread over the whole width)."""
     rng = rng or random.Random(0)
     scale = image_size / 64.0
+    width = round(image_size * aspect)
     lo, hi = _RADIUS[scene.size]
     radius = rng.uniform(lo, hi) * scale
+    margin = radius + 2 * scale
     if scene.count == 1:
         ax, ay = _ANCHORS[scene.position]
-        jitter, lo_c, hi_c = 2.5 * scale, radius + 2 * scale, image_size - radius - 2 * scale
-        cx, cy = (min(hi_c, max(lo_c, a * image_size + rng.uniform(-jitter, jitter))) for a in (ax, ay))
+        jitter = 2.5 * scale
+        cx, cy = (min(side - margin, max(margin, a * side + rng.uniform(-jitter, jitter)))
+                  for a, side in ((ax, width), (ay, image_size)))
         return [(cx, cy, radius)]
-    margin = radius + 2 * scale
     gap = 2 * radius + 4 * scale
     for _ in range(1000):
-        pts = [tuple(rng.uniform(margin, image_size - margin) for _ in "xy") for _ in range(scene.count)]
+        pts = [tuple(rng.uniform(margin, side - margin) for side in (width, image_size)) for _ in range(scene.count)]
         if all((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 >= gap**2 for i, a in enumerate(pts) for b in pts[i + 1 :]):
             return [(x, y, radius) for x, y in pts]
     # Rejection sampling practically never fails; fall back to a fixed, shuffled spread.
     slots = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
     rng.shuffle(slots)
-    return [(x * image_size, y * image_size, radius) for x, y in slots[: scene.count]]
+    return [(x * width, y * image_size, radius) for x, y in slots[: scene.count]]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -146,12 +150,14 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(shape)
 
 
-def render_scene(scene: Scene, image_size: int = 64, rng: random.Random | None = None) -> Image.Image:
-    """Draw the scene on a plain light background; `rng` only jitters placement and tint."""
+def render_scene(scene: Scene, image_size: int = 64, rng: random.Random | None = None,
+                 aspect: float = 1.0) -> Image.Image:
+    """Draw the scene on a plain light background, `image_size` high and `aspect` times as wide; `rng`
+    only jitters placement and tint."""
     rng = rng or random.Random(0)
-    placements = layout(scene, image_size, rng)  # first, so layout() with the same rng state replays it
+    placements = layout(scene, image_size, rng, aspect)  # first, so layout() with the same rng state replays it
     grey = rng.randint(225, 250)
-    image = Image.new("RGB", (image_size, image_size), (grey, grey, grey))
+    image = Image.new("RGB", (round(image_size * aspect), image_size), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
     fill = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLOURS[scene.colour])
     for cx, cy, r in placements:
