@@ -2,8 +2,9 @@
 
 `TrainState` is everything besides weights, optimizer and random generators that an exact resume
 needs (and what the summary reports); `DataPosition` is where in the data the next step starts.
-Both are plain values: the trainer replaces them after a step commits, nothing updates them as a
-side effect.
+`DataPosition` is an immutable value the step replaces. `TrainState` is a mutable record with three
+writers: `Trainer.train_step` (position, step, history), `Updater.skip` (bad_steps) and
+`Trainer.setup` / `evaluate` (skipped samples, evaluations); a checkpoint saves it as it stands.
 """
 
 from __future__ import annotations
