@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.dropout import check_dropped_image
+from ..embedded.synthetic import canvas_size
 from ..progress import progress_bar
 from .fusion_report import write_results
 
@@ -212,7 +213,7 @@ def bench_fusion(
     tested = {k: v for k, v in data["conditions"].items() if conditions is None or k in conditions}
     settings = {"max_steps": max_steps, "eval_every": eval_every, "patience": patience, "budget": budget,
                 "min_delta": min_delta, "batch_size": batch_size}
-    shape = "" if image_aspect == 1 else f" {round(image_size * image_aspect)}x{image_size} px"
+    shape = "" if image_aspect == 1 else " {}x{} px".format(*canvas_size(image_size, image_aspect))
     header = (f"Fusion benchmark: config `{config}`; evidence-bearing synthetic data ({train_images} training{shape} "
               f"images, {data['questions']} test questions); batch {batch_size}; early stopping on eval loss (every "
               f"{eval_every} steps, patience {patience}, min delta {min_delta:g}, cap {max_steps} steps); equal "

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from .images import load_images
+from .images import load_image
 from .sample import IMAGE_TAG, Sample
 
 DROPPED_IMAGE_MODES = ("remove", "blank")
@@ -104,7 +104,7 @@ def corrupt_images(sample: Sample, p: float, generator: torch.Generator, max_pix
 
     def corrupted(image: object, kind: int, severity: int, seed: int) -> Image.Image:
         # Only the drawn images are decoded here; the others stay as given, decoded once by the processor.
-        decoded = load_images(dataclasses.replace(sample, images=[image]), max_pixels)[0]
+        decoded = load_image(image, sample.id, max_pixels)
         return corrupt(decoded, CORRUPTIONS[kind % len(CORRUPTIONS)], SEVERITIES[severity % len(SEVERITIES)], seed)
 
     images = [corrupted(image, *pick) if u < p else image for image, u, pick in zip(sample.images, draws, picks)]

@@ -21,7 +21,12 @@ def load_images(sample: Sample, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
 
     Decoding is third-party code on untrusted bytes, so every failure (not only the expected ones) becomes
     a skipped sample rather than a dead run. The declared size is checked before any pixel is decoded."""
-    return [_read_image(image, max_pixels, sample.id, decode=True) for image in sample.images]
+    return [load_image(image, sample.id, max_pixels) for image in sample.images]
+
+
+def load_image(image: Any, sample_id: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """One image of sample `sample_id` (a path, bytes or PIL image), decoded as `load_images` does."""
+    return _read_image(image, max_pixels, sample_id, decode=True)
 
 
 def probe_images(sample: Sample, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:

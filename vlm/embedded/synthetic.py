@@ -111,13 +111,18 @@ def random_scene(rng: random.Random) -> Scene:
     )
 
 
+def canvas_size(image_size: int, aspect: float = 1.0) -> tuple[int, int]:
+    """(width, height) of a rendered scene: `image_size` high, `aspect` times as wide."""
+    return round(image_size * aspect), image_size
+
+
 def layout(scene: Scene, image_size: int = 64, rng: random.Random | None = None,
            aspect: float = 1.0) -> list[tuple[float, float, float]]:
     """Object placements as (cx, cy, radius) in pixels; non-overlapping and inside the image, which is
     `image_size` high and `round(image_size * aspect)` wide (objects spread over the whole width)."""
     rng = rng or random.Random(0)
     scale = image_size / 64.0
-    width = round(image_size * aspect)
+    width, _ = canvas_size(image_size, aspect)
     lo, hi = _RADIUS[scene.size]
     radius = rng.uniform(lo, hi) * scale
     margin = radius + 2 * scale
@@ -157,7 +162,7 @@ def render_scene(scene: Scene, image_size: int = 64, rng: random.Random | None =
     rng = rng or random.Random(0)
     placements = layout(scene, image_size, rng, aspect)  # first, so layout() with the same rng state replays it
     grey = rng.randint(225, 250)
-    image = Image.new("RGB", (round(image_size * aspect), image_size), (grey, grey, grey))
+    image = Image.new("RGB", canvas_size(image_size, aspect), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
     fill = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLOURS[scene.colour])
     for cx, cy, r in placements:
