@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm.config import load_config  # noqa: E402
 from vlm.data.collator import Collator  # noqa: E402
 from vlm.data.dataset import ConversationDataset  # noqa: E402
-from vlm.train.batches import model_inputs  # noqa: E402
 from vlm.train.loop import build_model  # noqa: E402
 
 
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = build_model(config)
     model.train()
     dataset = ConversationDataset.from_files(config.data.train_files, processor, config.data.image_root, data=config.data)
-    batch = model_inputs(Collator(model.tokenizer.pad_token_id)([dataset[i] for i in range(config.train.batch_size)]))
+    batch = Collator(model.tokenizer.pad_token_id)([dataset[i] for i in range(config.train.batch_size)]).model_inputs()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(bf16: bool) -> tuple[float, float]:

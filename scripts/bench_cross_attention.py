@@ -21,6 +21,7 @@ from vlm.data.collator import Collator
 from vlm.data.sample import Sample
 from vlm.factory import processor_for
 from vlm.model import VLM
+from vlm.image_positions import ImagePositions
 from vlm.embedded.tiny_backbones import make_tiny_backbones
 
 
@@ -66,15 +67,15 @@ def main() -> None:
         ]
         encoded = [processor_for(model)(s, for_generation=True) for s in samples]
         batch = Collator(model.tokenizer.pad_token_id, "left")(encoded)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask = batch.input_ids, batch.attention_mask
         with torch.no_grad():
-            embeds, features = model.embed(ids, batch["pixel_values"])
+            embeds, features = model.embed(ids, batch.pixel_values)
 
         def vlm(cache_visual_kv: bool):
             def run(n: int) -> torch.Tensor:
                 return model.fusion.lm_generate(
                     model.lm, inputs_embeds=embeds, attention_mask=mask, image_features=features,
-                    image_mask=ids == model.image_token_id, cache_visual_kv=cache_visual_kv,
+                    images=ImagePositions.of_batch(ids == model.image_token_id), cache_visual_kv=cache_visual_kv,
                     max_new_tokens=n, min_new_tokens=n, do_sample=False,
                 )
             return run

@@ -21,7 +21,7 @@ from vlm.data.feature_cache import FeatureCache, encoder_fingerprint
 from vlm.data.formats import read_samples
 from vlm.factory import build
 from vlm.train.freezing import apply_stage
-from vlm.train.batches import make_loader, model_inputs
+from vlm.train.batches import make_loader
 from vlm.train.optim import build_optimizer
 
 
@@ -57,7 +57,7 @@ def main() -> None:
                 for _ in range(args.block):
                     started = time.perf_counter()  # data loading included: the cache skips image decoding too
                     batch = next(mode["batches"])
-                    loss = mode["model"](**model_inputs(batch)).loss
+                    loss = mode["model"](**batch.model_inputs()).loss
                     loss.backward()
                     mode["optimizer"].step()
                     mode["optimizer"].zero_grad(set_to_none=True)

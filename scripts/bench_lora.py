@@ -48,7 +48,7 @@ def main() -> None:
         model.train()
         samples = read_samples(config.data.train_files[0], config.data.image_root)[0][: args.batch_size]
         batch = Collator(model.tokenizer.pad_token_id)([processor(s) for s in samples])
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+        inputs = {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         runs[name] = (model, build_optimizer(model, config), inputs, trainable, [])
 

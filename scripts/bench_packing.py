@@ -33,13 +33,11 @@ from vlm.data.dataset import ConversationDataset  # noqa: E402
 from vlm.data.packing import PackingCollator, padding_share  # noqa: E402
 from vlm.embedded.long_tail import make_long_tail_dataset  # noqa: E402
 from vlm.factory import build  # noqa: E402
-from vlm.image_slots import with_placeholder  # noqa: E402
-from vlm.train.batches import model_inputs  # noqa: E402
 
 
 def step(model, optimizer, batch) -> tuple[float, float]:
     """One training step; returns (seconds, loss)."""
-    inputs = with_placeholder(model_inputs(batch), model.vision, cached=False)
+    inputs = batch.forward_inputs(model.vision, cached=False, device=torch.device("cpu"))
     started = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss = model(**inputs).loss
@@ -88,10 +86,10 @@ def main() -> None:
             if i >= args.warmup:
                 s = stats[name]
                 s["time"].append(seconds)
-                s["tokens"].append(int(batch["attention_mask"].sum()))
-                s["positions"].append(batch["attention_mask"].numel())
+                s["tokens"].append(int(batch.attention_mask.sum()))
+                s["positions"].append(batch.attention_mask.numel())
                 s["padding"].append(padding_share(batch))
-                s["rows"].append(batch["input_ids"].shape[0])
+                s["rows"].append(batch.input_ids.shape[0])
         if i == 0 and abs(losses["packed"] - losses["unpacked"]) > 1e-5 * max(1.0, abs(losses["unpacked"])):
             raise SystemExit(f"packed and unpacked losses differ on the first batch: {losses}")
     name = "long-tail mix" if args.long_tail else "config data"

@@ -26,7 +26,6 @@ from vlm.data.collator import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.eval.predict import evaluate_predictions, predict
 from vlm.factory import load
-from vlm.train.batches import model_inputs
 from vlm.train.loop import train
 from vlm.embedded.synthetic import make_hires_dataset
 from vlm.embedded.tiny_backbones import make_tiny_backbones
@@ -56,7 +55,7 @@ def step_seconds(folders: dict[str, Path], data: Path, repeats: int) -> dict[str
         model.train()
         dataset = ConversationDataset.from_files([str(data)], processor)
         items = [dataset[i] for i in range(16)]
-        runs[name] = (model, model_inputs(Collator(processor.tokenizer.pad_token_id)(items)))
+        runs[name] = (model, Collator(processor.tokenizer.pad_token_id)(items).model_inputs())
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (model, inputs) in runs.items():

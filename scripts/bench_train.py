@@ -142,7 +142,7 @@ def make_batch(model: VLM, batch_size: int, question_words: int, answer_words: i
                         [image])
         items.append(processor(sample))
     batch = Collator(model.tokenizer.pad_token_id, "right")(items)
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    return {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
 
 def set_llava_stage(llava: LlavaForConditionalGeneration, stage: str) -> None:

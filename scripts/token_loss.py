@@ -34,9 +34,9 @@ def token_groups(model_dir: str, data: str, batch_size: int = 32, limit: int | N
     for start in range(0, len(samples), batch_size):
         batch = collate([processor(s) for s in samples[start:start + batch_size]])
         with torch.no_grad():
-            out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, full_logits=True)
+            out = model(**{k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values")}, full_logits=True)
         logits = out.logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
+        targets = batch.labels[:, 1:]
         keep = targets != IGNORE_INDEX
         losses = F.cross_entropy(logits[keep], targets[keep], reduction="none")
         argmax_ok = logits[keep].argmax(-1) == targets[keep]

@@ -13,12 +13,7 @@ from vlm.model import VLM
 def generate_tokens(model: VLM, samples: list[Sample], max_new_tokens: int = 16) -> list[list[int]]:
     """Each sample's new tokens up to and including the first end token, from one left-padded batch."""
     batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(s, for_generation=True) for s in samples])
-    embeds, features = model.embed(batch["input_ids"], batch["pixel_values"])
-    new = model.fusion.lm_generate(
-        model.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"], image_features=features,
-        image_mask=batch["input_ids"] == model.image_token_id, max_new_tokens=max_new_tokens, do_sample=False,
-    )
-    new = getattr(new, "sequences", new)
+    new = model.generate(**batch.generation_inputs(), max_new_tokens=max_new_tokens, do_sample=False)
     eos = model.lm.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos)
     out = []

@@ -22,7 +22,7 @@ from .constants import WEIGHTS_NAME
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
 from .folder import load_saved_tokenizer, read_saved_config, saved_max_tiles
 from .fusion import Fusion, LMShape, VisionShape, build_fusion
-from .image_slots import is_placeholder
+from .image_positions import ImagePositions
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
 from .loss import causal_lm_loss, logits_positions
 from .packed import PackingAttention, lm_attention_inputs
@@ -82,7 +82,7 @@ class VLM(nn.Module):
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
         image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-        image_grids: torch.Tensor | None = None, sample_ids: list[str] | None = None,
+        image_grids: torch.Tensor | None = None, sample_ids: list[str] | None = None, placeholder: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings [batch, seq, lm_dim] with image positions filled by the fusion, in one scatter.
 
@@ -90,6 +90,7 @@ class VLM(nn.Module):
         for running the tower on pixel_values. With tiling (vlm/tiling.py), pixel_values holds every
         image's views [total_views, 3, H, W] and image_grids [num_images, 2] their grids; the views'
         tokens fill the image's positions in order. sample_ids (the batch's `ids`) name a mismatch.
+        placeholder: the one image is a text-only training batch's stand-in (vlm/image_positions.py).
         """
         embeds = self.lm.get_input_embeddings()(input_ids)
         if image_features is not None:
@@ -109,11 +110,10 @@ class VLM(nn.Module):
         if self.fusion.tokens_per_image:
             image_embeds = self.fusion.embed_images(features).to(embeds.dtype)
             mask = image_mask if image_mask is not None else input_ids == self.image_token_id
-            slots = int(mask.sum())
-            if is_placeholder(slots, image_embeds.shape[0]):
-                # The placeholder image of a text-only training batch (vlm/image_slots.py): the fusion
-                # runs, so every rank joins the same collectives, and contributes exactly nothing.
+            if placeholder:
+                # The fusion runs, so every rank joins the same collectives, and contributes exactly nothing.
                 return embeds + image_embeds.sum() * 0, features
+            slots = int(mask.sum())
             if slots != image_embeds.shape[0] * image_embeds.shape[1]:
                 raise ValueError(
                     f"The batch has {slots} image-token positions but {image_embeds.shape[0]} image(s) "
@@ -126,7 +126,8 @@ class VLM(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, full_logits: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None, image_grids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, packing_attention: PackingAttention = "auto", **kwargs: Any,
+        position_ids: torch.Tensor | None = None, packing_attention: PackingAttention = "auto",
+        image_seen: torch.Tensor | None = None, image_placeholder: bool = False, **kwargs: Any,
     ) -> Any:
         """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W] (with tiling:
         every image's views, and image_grids [num_images, 2], see `embed`).
@@ -137,9 +138,14 @@ class VLM(nn.Module):
         num_items_in_batch: the global batch's supervised tokens (see `vlm.loss.causal_lm_loss`).
         position_ids [batch, seq]: a packed batch (vlm/data/packing.py), positions restarting at each
         sample; attention then keeps samples apart (`packing_attention`, see `vlm.packed.lm_attention_inputs`).
+        image_seen [batch, seq]: the collator's image of each position (vlm/image_positions.py; needed for
+        packed rows); image_placeholder: the one image is a text-only batch's stand-in.
         """
         image_mask = input_ids == self.image_token_id
-        embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask, image_grids)
+        embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask, image_grids,
+                                      placeholder=image_placeholder)
+        images = self._positions(features, image_mask, image_seen, position_ids is not None, image_grids,
+                                 image_placeholder)
         if position_ids is not None:
             packed = lm_attention_inputs(self.lm.config, position_ids, embeds.dtype, packing_attention)
             attention_mask = packed.pop("attention_mask")
@@ -148,8 +154,8 @@ class VLM(nn.Module):
         if labels is not None and not full_logits and self._logits_at_labels and "logits_to_keep" not in kwargs:
             kept = kwargs["logits_to_keep"] = logits_positions(labels)
         out = self.fusion.lm_forward(
-            self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features,
-            image_mask=image_mask, image_views=_views(image_grids), **kwargs,
+            self.lm, inputs_embeds=embeds, attention_mask=attention_mask, image_features=features, images=images,
+            **kwargs,
         )
         if labels is not None:
             loss = causal_lm_loss(out.logits, labels, num_items_in_batch, kept)
@@ -160,23 +166,40 @@ class VLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate_from_batch(self, batch: dict[str, Any], max_new_tokens: int = 64, **kwargs: Any) -> list[str]:
-        """Greedy (by default) decoding with the KV cache from a left-padded collated batch."""
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None, image_grids: torch.Tensor | None = None,
+        image_seen: torch.Tensor | None = None, sample_ids: list[str] | None = None, **generation_kwargs: Any,
+    ) -> torch.Tensor:
+        """Tensors in, token ids out, like a transformers model: the new tokens [batch, new] after a left-padded
+        prompt (input_ids / attention_mask [batch, seq]; images as in `forward`; sample_ids name a sample in a
+        mismatch error). Greedy unless `generation_kwargs` say otherwise: every strategy decodes through
+        transformers' `generate`, so sampling, beams, streamers and stopping criteria all apply. The text is
+        the processor's to decode (`VLMProcessor.decode`); `Batch.generation_inputs()` gives these keywords."""
         device = self.lm.device
-        input_ids = batch["input_ids"].to(device)
-        pixels = batch["pixel_values"]
+        input_ids = input_ids.to(device)
         image_mask = input_ids == self.image_token_id
-        grids = batch.get("image_grids")
         embeds, features = self.embed(
-            input_ids, None if pixels is None else pixels.to(device), None, image_mask, grids, batch.get("ids"),
+            input_ids, None if pixel_values is None else pixel_values.to(device),
+            None if image_features is None else image_features.to(device), image_mask, image_grids, sample_ids,
         )
-        kwargs.setdefault("do_sample", False)
-        new_tokens = self.fusion.lm_generate(
-            self.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
-            image_features=features, image_mask=image_mask, image_views=_views(grids),
-            max_new_tokens=max_new_tokens, **kwargs,
+        images = self._positions(features, image_mask, image_seen, False, image_grids)
+        generation_kwargs.setdefault("do_sample", False)
+        return self.fusion.lm_generate(
+            self.lm, inputs_embeds=embeds, attention_mask=attention_mask.to(device), image_features=features,
+            images=images, **generation_kwargs,
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _positions(
+        self, features: torch.Tensor | None, image_mask: torch.Tensor, image_seen: torch.Tensor | None,
+        packed: bool, image_grids: torch.Tensor | None, placeholder: bool = False,
+    ) -> ImagePositions | None:
+        """Where each image sits, for strategies that occupy no positions (the others' image tokens say it);
+        None when the batch has no image."""
+        if features is None or self.fusion.tokens_per_image:
+            return None
+        views = None if image_grids is None else views_per_image(image_grids).to(image_mask.device)
+        return ImagePositions.of_batch(image_mask, image_seen, packed, views, placeholder)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A self-contained folder that loads offline; written to a temporary folder, then renamed in."""
@@ -226,9 +249,3 @@ class VLM(nn.Module):
         model = cls(config, vision, fusion, lm, tokenizer, saved_max_tiles(meta) if max_tiles is None else max_tiles)
         load_model(model, str(directory / WEIGHTS_NAME))
         return model
-
-
-
-def _views(image_grids: torch.Tensor | None) -> torch.Tensor | None:
-    """Views per image [num_images] for strategies that read an image's tokens (None: one view each)."""
-    return None if image_grids is None else views_per_image(image_grids)

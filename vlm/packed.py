@@ -2,13 +2,10 @@
 
 A packed batch carries `position_ids` [rows, seq] that restart at 0 where each sample begins (the
 padding at a row's end is one more run of positions), the convention transformers' own packing
-support reads. From it follow:
-
-- which sample each position belongs to (`segment_ids`), so fusions that look up "the most recent
-  image" (cross-attention, late) never reach into the previous sample of the row (vlm/image_slots.py);
-- the LM's attention inputs (`lm_attention_inputs`): a block-diagonal causal mask built explicitly
-  (eager / SDPA), or no mask at all for flash-attention kernels, which read sample boundaries from
-  position_ids themselves (variable-length attention, no dense mask).
+support reads. From it follow the LM's attention inputs (`lm_attention_inputs`): a block-diagonal
+causal mask built explicitly (eager / SDPA), or no mask at all for flash-attention kernels, which read
+sample boundaries from position_ids themselves (variable-length attention, no dense mask). Which image
+each position sees is the collator's to say (`image_seen`, vlm/image_positions.py), not read from here.
 
 Unpacked batches pass no position_ids and none of this runs.
 """

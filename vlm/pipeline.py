@@ -45,7 +45,8 @@ class Pipeline:
         items = [self.processor(self.prompt_sample(images, prompt, f"prompt-{i}"), for_generation=True)
                  for i, (images, prompt) in enumerate(requests)]
         batch = Collator(self.processor.tokenizer.pad_token_id, "left")(items)
-        return self.model.generate_from_batch(batch, max_new_tokens, **kwargs)
+        return self.processor.decode(self.model.generate(**batch.generation_inputs(), max_new_tokens=max_new_tokens,
+                                                         **kwargs))
 
     def prompt_sample(self, images: list[Image.Image], prompt: str, sample_id: str = "prompt") -> Sample:
         """A one-turn `Sample`; an image the prompt has no `<image>` tag for gets one on its own line in front."""

@@ -83,7 +83,9 @@ class VLMProcessor:
         )
 
     def __call__(self, sample: Sample, for_generation: bool = False, with_pixels: bool = True) -> dict[str, Any]:
-        """Returns input_ids [seq], labels [seq], pixel_values [num_images, 3, H, W] or None, id.
+        """Returns input_ids [seq], labels [seq], pixel_values [num_images, 3, H, W] or None, id, and
+        image_seen [seq]: which of the sample's images each position shows or follows (the most recent one
+        at or before it, from 0; -1 before the first), what the collator turns into `ImagePositions`.
 
         for_generation: encode only the prompt (up to the last user turn) plus the
         generation prompt, for `predict` / `generate`.
@@ -101,13 +103,15 @@ class VLMProcessor:
         # pixels decoded) before the text is laid out; without, over-long text is refused before decoding.
         images = self.load_images(sample)[:num_images] if self.max_tiles else None
         grids = None if images is None else [self.grid_for(*image.size) for image in images]
-        ids, labels = self._expand_images(ids, labels, grids)
+        ids, labels, seen = self._expand_images(ids, labels, grids)
         if self.max_length is not None and not for_generation and len(ids) > self.max_length:
             ids, labels = self._fit_length(sample.id, ids, labels)
+            seen = seen[: len(ids)]  # truncation never cuts an image (`_fit_length`)
         item: dict[str, Any] = {
             "id": sample.id,
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
+            "image_seen": torch.tensor(seen, dtype=torch.long),
         }
         if grids is None:
             images = self.load_images(sample)[:num_images] if with_pixels else []
@@ -117,6 +121,11 @@ class VLMProcessor:
         item["pixel_values"] = torch.cat(views) if views else None
         item["image_grids"] = torch.tensor(grids, dtype=torch.long) if grids else None
         return item
+
+    def decode(self, new_tokens: torch.Tensor) -> list[str]:
+        """`VLM.generate`'s new tokens [batch, new] -> each row's answer, special tokens dropped and stripped
+        (what `vlm predict`, `vlm serve` and `Pipeline` return)."""
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def grid_for(self, width: int, height: int) -> Grid:
         """The tile grid (rows, cols) of a width x height image; (1, 1) (the thumbnail alone) without tiling."""
@@ -190,28 +199,33 @@ class VLMProcessor:
 
     def _expand_images(
         self, ids: list[int], labels: list[int], grids: list[Grid] | None = None,
-    ) -> tuple[list[int], list[int]]:
+    ) -> tuple[list[int], list[int], list[int]]:
         """Each image token becomes `tokens_per_image` copies; the fusion fills them in the model. With
         tiling (`grids`, one per image in order), the k-th becomes `image_layout` of the k-th grid.
+        Also returns, per position, the index of the most recent image at or before it (-1: none yet).
 
         Strategies that occupy no positions (tokens_per_image == 0) keep one image token as a
         plain marker, so they can still tell where in the text each image appears.
         """
         copies = self.tokens_per_image or 1
-        out_ids, out_labels = [], []
+        out_ids, out_labels, seen = [], [], []
         images = iter(grids or [])
+        current = -1
         for token, label in zip(ids, labels):
             if token == self.image_token_id:
                 expanded = (
                     [token] * copies if grids is None
                     else image_layout(next(images), self.tokens_per_image, token, self.separator_ids)
                 )
+                current += 1
                 out_ids += expanded
                 out_labels += [IGNORE_INDEX] * len(expanded)
+                seen += [current] * len(expanded)
             else:
                 out_ids.append(token)
                 out_labels.append(label)
-        return out_ids, out_labels
+                seen.append(current)
+        return out_ids, out_labels, seen
 
 
 

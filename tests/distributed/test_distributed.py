@@ -250,7 +250,7 @@ def test_final_folder_is_gathered_and_unsharded(single, sharded, strategy, run, 
 
     item = processor_for(single_model)(read_samples(synthetic["train"])[0][0])
     batch = Collator(single_model.tokenizer.pad_token_id)([item])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    inputs = {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
         a, b = single_model(**inputs).logits, sharded_model(**inputs).logits
     assert sample["id"] == item["id"]

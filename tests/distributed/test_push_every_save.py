@@ -84,7 +84,7 @@ def logits(model: VLM, synthetic) -> torch.Tensor:
     item = processor_for(model)(read_samples(synthetic["train"])[0][0])
     batch = Collator(model.tokenizer.pad_token_id)([item])
     with torch.no_grad():
-        return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+        return model(**{k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values")}).logits
 
 
 @pytest.mark.parametrize("run", list(RUNS))

@@ -18,7 +18,7 @@ def _logits(model: VLM, image: Path) -> torch.Tensor:
     sample = Sample("s", [{"role": "user", "content": "<image>\nWhat is it?"}], [str(image)])
     batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(sample, for_generation=True)])
     with torch.no_grad():
-        return model.eval()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        return model.eval()(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -25,7 +25,7 @@ BACKEND = os.environ.get("VLM_TEST_COMPILE_BACKEND", "aot_eager")
 def batch_of(model, synthetic, n: int = 2) -> dict:
     samples = read_samples(synthetic["train"])[0][:n]
     batch = Collator(model.tokenizer.pad_token_id, "right")([processor_for(model)(s) for s in samples])
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    return {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
 
 def train_losses(model, batch, steps: int = 2) -> list[float]:

@@ -14,6 +14,7 @@ from vlm.data.collator import Collator
 from vlm.data.sample import Sample
 from vlm.factory import processor_for
 from vlm.fusion.decoder_layers import PreLayerWrapper
+from vlm.image_positions import ImagePositions
 from vlm.model import VLM
 
 torch.set_num_threads(1)
@@ -45,14 +46,14 @@ def batch_of(model: VLM, specs: list[tuple[str, list]], padding_side: str = "rig
 
 
 def forward(model: VLM, batch: dict, **kwargs) -> torch.Tensor:
-    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **kwargs)
+    return model(batch.input_ids, batch.attention_mask, batch.pixel_values, **kwargs)
 
 
 def generate(model: VLM, batch: dict, **kwargs) -> torch.Tensor:
-    embeds, features = model.embed(batch["input_ids"], batch["pixel_values"])
+    embeds, features = model.embed(batch.input_ids, batch.pixel_values)
     return model.fusion.lm_generate(
-        model.lm, inputs_embeds=embeds, attention_mask=batch["attention_mask"], image_features=features,
-        image_mask=batch["input_ids"] == model.image_token_id, do_sample=False, **kwargs,
+        model.lm, inputs_embeds=embeds, attention_mask=batch.attention_mask, image_features=features,
+        images=ImagePositions.of_batch(batch.input_ids == model.image_token_id), do_sample=False, **kwargs,
     )
 
 
@@ -74,7 +75,7 @@ def test_at_init_logits_equal_the_base_lm(model_config):
     model = build(model_config, every_n=1)
     batch = batch_of(model, MIXED)
     ours = forward(model, batch).logits
-    base = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    base = model.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(ours, base, atol=1e-6, rtol=0)
 
 
@@ -84,10 +85,10 @@ def test_open_gates_change_only_tokens_at_or_after_an_image(model_config):
     open_gates(model)
     batch = batch_of(model, MIXED)
     ours = forward(model, batch).logits
-    base = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    base = model.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     changed = (ours - base).abs().amax(-1) > 1e-4  # [batch, seq]
-    seen_image = (batch["input_ids"] == model.image_token_id).cumsum(1) > 0
-    real = batch["attention_mask"].bool()
+    seen_image = (batch.input_ids == model.image_token_id).cumsum(1) > 0
+    real = batch.attention_mask.bool()
     assert not changed[~seen_image].any()
     assert changed[seen_image & real].all()
     assert not changed[1].any()  # the text-only sample
@@ -104,7 +105,7 @@ def test_tokens_see_only_the_most_recent_image(model_config):
     model.lm.model.layers[1].layer.register_forward_pre_hook(lambda module, args: seen.append(args[0][0]))
     first = batch_of(model, [MIXED[0]])
     other = batch_of(model, [("Look <image> then <image>, which?", [GREEN, BLUE])])
-    markers = (first["input_ids"][0] == model.image_token_id).nonzero().flatten().tolist()
+    markers = (first.input_ids[0] == model.image_token_id).nonzero().flatten().tolist()
     forward(model, first), forward(model, other)
     a, b = seen
     torch.testing.assert_close(a[markers[1]:], b[markers[1]:], atol=0, rtol=0)
@@ -127,7 +128,7 @@ def test_cached_generation_matches_recomputation_token_for_token(model_config):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
     # The first step is the prompt's forward, images included, so the images did reach generation.
     torch.testing.assert_close(cached.logits[0], forward(model, batch).logits[:, -1], atol=1e-4, rtol=1e-4)
-    base = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
+    base = model.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -1]
     assert (cached.logits[0][[0, 2]] - base[[0, 2]]).abs().max() > 1e-3
 
 
@@ -136,10 +137,10 @@ def test_text_only_generation_equals_the_base_lm(model_config):
     model = build(model_config)
     open_gates(model)
     batch = batch_of(model, [("Say something about colours.", [])], padding_side="left", prompt=True)
-    ours = model.generate_from_batch(batch, max_new_tokens=12)
-    ids = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    ours = processor_for(model).decode(model.generate(**batch.generation_inputs(), max_new_tokens=12))
+    ids = model.lm.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             max_new_tokens=12, do_sample=False)
-    assert ours == model.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert ours == model.tokenizer.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -163,7 +164,7 @@ def test_from_pretrained_round_trip(model_config, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     loaded = VLM.from_pretrained(tmp_path / "saved").eval()
     keys = ("input_ids", "attention_mask", "pixel_values")
-    torch.testing.assert_close(loaded(**{k: batch[k] for k in keys}).logits, forward(model, batch).logits,
+    torch.testing.assert_close(loaded(**{k: getattr(batch, k) for k in keys}).logits, forward(model, batch).logits,
                                atol=0, rtol=0)
 
 
@@ -184,7 +185,7 @@ def test_a_folder_saved_with_the_old_flat_fusion_keys_still_loads(model_config, 
     loaded = VLM.from_pretrained(tmp_path / "saved").eval()
     assert loaded.config == model.config
     keys = ("input_ids", "attention_mask", "pixel_values")
-    torch.testing.assert_close(loaded(**{k: batch[k] for k in keys}).logits, forward(model, batch).logits,
+    torch.testing.assert_close(loaded(**{k: getattr(batch, k) for k in keys}).logits, forward(model, batch).logits,
                                atol=0, rtol=0)
 
 
@@ -195,7 +196,7 @@ def test_align_step_trains_the_gated_blocks_and_not_the_lm(model_config):
     apply_stage(model, "align")
     model.train()
     batch = batch_of(model, MIXED)
-    forward(model, batch, labels=batch["labels"]).loss.backward()
+    forward(model, batch, labels=batch.labels).loss.backward()
     assert all(p.grad is not None for p in model.fusion.parameters())
     assert all(float(b.attn_gate.grad.abs()) > 0 and float(b.ffn_gate.grad.abs()) > 0
                for b in model.fusion.blocks.values())
@@ -224,7 +225,7 @@ def test_gate_lr_scale_steps_the_gates_faster_than_the_rest(model_config):
     # <image> marker's row by 1e-3 (the blocks themselves get no gradient while their gates are exactly 0).
     batch = batch_of(model.train(), MIXED)
     before = {n: p.detach().clone() for n, p in model.fusion.named_parameters()}
-    forward(model, batch, labels=batch["labels"]).loss.backward()
+    forward(model, batch, labels=batch.labels).loss.backward()
     optimizer.step()
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.fusion.named_parameters()}
     assert all(v == pytest.approx(1e-2, rel=1e-3) for n, v in moved.items() if n.endswith("_gate")), moved
@@ -268,7 +269,7 @@ def test_other_decoders_get_the_same_behaviour(arch):
     ids = torch.randint(5, 100, (2, 10))
     ids[0, 3] = ids[1, 6] = 1
     inputs = dict(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=torch.ones_like(ids),
-                  image_features=torch.randn(2, 4, 32), image_mask=ids == 1)
+                  image_features=torch.randn(2, 4, 32), images=ImagePositions.of_batch(ids == 1))
     base = lm(inputs_embeds=inputs["inputs_embeds"]).logits
     torch.testing.assert_close(fusion.lm_forward(lm, **inputs).logits, base, atol=1e-6, rtol=0)
     open_gates(SimpleNamespace(fusion=fusion))

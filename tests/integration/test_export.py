@@ -43,15 +43,16 @@ def test_transformers_llava_gives_our_logits_and_tokens(exported, tmp_path):
     # The exported processor alone (chat template + image expansion) builds the same inputs.
     prompt = processor.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
     theirs = processor(images=image, text=prompt, return_tensors="pt")
-    assert theirs["input_ids"].tolist() == batch["input_ids"].tolist()
-    torch.testing.assert_close(theirs["pixel_values"], batch["pixel_values"])
+    assert theirs["input_ids"].tolist() == batch.input_ids.tolist()
+    torch.testing.assert_close(theirs["pixel_values"], batch.pixel_values)
 
     with torch.no_grad():
-        expected = ours(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        expected = ours(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
         got = llava(**theirs).logits
     assert (got - expected).abs().max().item() <= 1e-4
 
-    ours_text = ours.generate_from_batch(batch, max_new_tokens=8, min_new_tokens=8)
+    ours_text = processor_for(ours).decode(ours.generate(**batch.generation_inputs(), max_new_tokens=8,
+                                                         min_new_tokens=8))
     new = llava.generate(**theirs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     theirs_text = processor.batch_decode(new[:, theirs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert [t.strip() for t in theirs_text] == ours_text
@@ -139,8 +140,8 @@ def test_tiny_siglip_tower_exports_to_llava_with_equal_logits(backbones, tmp_pat
     batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(sample, for_generation=True)])
     prompt = processor.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
     theirs = processor(images=image, text=prompt, return_tensors="pt")
-    assert theirs["input_ids"].tolist() == batch["input_ids"].tolist()
+    assert theirs["input_ids"].tolist() == batch.input_ids.tolist()
     with torch.no_grad():
-        expected = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        expected = model(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
         got = llava(**theirs).logits
     assert (got - expected).abs().max().item() <= 1e-4

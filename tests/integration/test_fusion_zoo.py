@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from vlm.data.dataset import ConversationDataset
 from vlm.data.dropout import drop_images, dropout_generator
 from vlm.data.sample import Sample
 from vlm.factory import processor_for
+from vlm.image_positions import ImagePositions
 from vlm.model import VLM
 
 STRATEGIES = ["early", "resampler", "late"]
@@ -46,7 +48,7 @@ def _batch(model: VLM, samples: list[Sample], side: str = "right") -> dict:
 
 def _forward(model: VLM, batch: dict):
     """Loss and logits at every position (with labels, the model's default is logits where the loss reads)."""
-    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"], full_logits=True)
+    return model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, full_logits=True)
 
 
 @pytest.mark.parametrize("fusion", STRATEGIES)
@@ -55,9 +57,9 @@ def test_forward_backward_save_load_and_loss_falls(model_config, fusion, tmp_pat
     batch = _batch(model, _samples())
     vocab = model.lm.get_output_embeddings().weight.shape[0]
     tokens = model.fusion.tokens_per_image or 1
-    assert int((batch["input_ids"] == model.image_token_id).sum()) == 2 * tokens
+    assert int((batch.input_ids == model.image_token_id).sum()) == 2 * tokens
     out = _forward(model, batch)
-    assert out.logits.shape == (*batch["input_ids"].shape, vocab)
+    assert out.logits.shape == (*batch.input_ids.shape, vocab)
     out.loss.backward()
     grads = [p.grad for p in model.fusion.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
@@ -85,7 +87,7 @@ def test_early_fusion_reads_pixels_not_the_tower(model_config):
     model = _build(model_config, "early")
     assert model.fusion.tokens_per_image == model.vision.num_patches
     batch = _batch(model, _samples()[:1])
-    pixels = batch["pixel_values"]
+    pixels = batch.pixel_values
     patches = model.encode_images(pixels)
     ph, pw = model.fusion.patch
     assert torch.equal(patches[0, 0], pixels[0, :, :ph, :pw].reshape(-1))  # top-left patch, channels first
@@ -97,7 +99,7 @@ def test_early_fusion_reads_pixels_not_the_tower(model_config):
     model.vision.forward = refuse
     _forward(model, batch)  # no AssertionError: the tower is bypassed
     with pytest.raises(ValueError, match="data.cache_features"):
-        model(batch["input_ids"], batch["attention_mask"], image_features=torch.zeros(1, 4, 4))
+        model(batch.input_ids, batch.attention_mask, image_features=torch.zeros(1, 4, 4))
 
 
 def test_late_fusion_without_image_is_exactly_the_text_lm(model_config):
@@ -106,11 +108,11 @@ def test_late_fusion_without_image_is_exactly_the_text_lm(model_config):
         model.fusion.gate.bias.fill_(2.0)  # a strong vision weight where an image is present
         text_only = _batch(model, _samples()[2:])
         logits = _forward(model, text_only).logits
-        bare = model.lm(input_ids=text_only["input_ids"], attention_mask=text_only["attention_mask"]).logits
+        bare = model.lm(input_ids=text_only.input_ids, attention_mask=text_only.attention_mask).logits
         assert torch.equal(logits, bare)
 
         mixed = _batch(model, _samples())  # an image in rows 0-1, none in row 2
-        ids, mask = mixed["input_ids"], mixed["attention_mask"]
+        ids, mask = mixed.input_ids, mixed.attention_mask
         logits = _forward(model, mixed).logits
         bare = model.lm(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(logits[2], bare[2])
@@ -120,11 +122,14 @@ def test_late_fusion_without_image_is_exactly_the_text_lm(model_config):
         # After the image the logits are the mixture's log-probabilities.
         assert torch.allclose(logits[0, marker:].exp().sum(-1), torch.ones(ids.shape[1] - marker), atol=1e-4)
 
-    # A placeholder image with no marker (distributed training's text-only batch): the LM, unchanged,
-    # with every fusion parameter still in the graph.
-    pixels = _batch(model, _samples()[:1])["pixel_values"]
-    out = model(text_only["input_ids"], text_only["attention_mask"], pixels, text_only["labels"], full_logits=True)
-    bare = model.lm(input_ids=text_only["input_ids"], attention_mask=text_only["attention_mask"])
+    # A placeholder image with no marker (distributed training's text-only batch), flagged as such: the LM,
+    # unchanged, with every fusion parameter still in the graph. Unflagged, it is a mismatch, not a guess.
+    pixels = _batch(model, _samples()[:1]).pixel_values
+    with pytest.raises(ValueError, match="0 image marker.*1 image"):
+        model(text_only.input_ids, text_only.attention_mask, pixels, text_only.labels)
+    out = model(text_only.input_ids, text_only.attention_mask, pixels, text_only.labels, full_logits=True,
+                image_placeholder=True)
+    bare = model.lm(input_ids=text_only.input_ids, attention_mask=text_only.attention_mask)
     assert torch.equal(out.logits, bare.logits)
     out.loss.backward()
     assert all(p.grad is not None for p in model.fusion.parameters())
@@ -135,15 +140,16 @@ def test_late_fusion_generate_matches_forward_argmax(model_config):
     model.lm.generation_config.eos_token_id = None  # decode the full length
     sample = _samples()[0]
     batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(sample, for_generation=True)])
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     with torch.no_grad():
         image_mask = ids == model.image_token_id
-        embeds, features = model.embed(ids, batch["pixel_values"], None, image_mask)
+        embeds, features = model.embed(ids, batch.pixel_values, None, image_mask)
         new = model.fusion.lm_generate(model.lm, inputs_embeds=embeds, attention_mask=mask,
-                                       image_features=features, image_mask=image_mask, max_new_tokens=6)
+                                       image_features=features, images=ImagePositions.of_batch(image_mask),
+                                       max_new_tokens=6)
         assert new.shape == (1, 6)
         full = torch.cat([ids, new[:, :-1]], dim=1)
-        logits = model(full, torch.ones_like(full), batch["pixel_values"]).logits
+        logits = model(full, torch.ones_like(full), batch.pixel_values).logits
     assert torch.equal(logits[0, ids.shape[1] - 1:].argmax(-1), new[0])
 
 
@@ -259,3 +265,34 @@ def test_image_corruption_is_a_test_time_corruption_drawn_per_seed_epoch_index(m
         ConversationDataset(samples, processor, image_corruption=0.5, feature_cache=cache)
     with pytest.raises(ConfigError, match="train.image_corruption"):
         TrainConfig(image_corruption=1.5)
+
+
+def test_late_fusion_beams_and_sampling_decode_the_mixed_distribution(model_config):
+    """`VLM.generate` (tensors in, transformers' own `generate` inside) decodes late fusion (its logits are mixed at the LM's output head): a beam's
+    reported score is the teacher-forced log-probability of its tokens under the mixed model, not under the LM
+    alone, and sampling at top_k=1 picks the mixed argmax."""
+    torch.manual_seed(0)
+    model = VLM.from_config(model_config.with_fusion("late", combine="product")).eval()
+    model.lm.generation_config.eos_token_id = None
+    batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(_samples()[0], for_generation=True)])
+    ids, mask = batch.input_ids, batch.attention_mask
+    with torch.no_grad():
+        model.fusion.gate.bias.fill_(1.0)
+        generate = functools.partial(model.generate, **batch.generation_inputs(), max_new_tokens=4)
+        beams = generate(num_beams=3, length_penalty=0.0, do_sample=False, return_dict_in_generate=True,
+                         output_scores=True)
+        tokens = beams.sequences[:, -4:]
+        full = torch.cat([ids, tokens[:, :-1]], dim=1)
+        targets = tokens[0]
+        at = slice(ids.shape[1] - 1, full.shape[1])
+        mixed = model(full, torch.ones_like(full), batch.pixel_values, full_logits=True).logits[0, at]
+        lm_only = model.lm(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, at]
+        score = lambda logits: float(logits.float().log_softmax(-1).gather(1, targets[:, None]).sum())  # noqa: E731
+        assert abs(float(beams.sequences_scores[0]) - score(mixed)) < 1e-3
+        assert abs(score(mixed) - score(lm_only)) > 0.1  # the mixing changes the scores the beams ranked
+
+        greedy = generate(do_sample=False)
+        sampled = generate(do_sample=True, top_k=1)
+    assert torch.equal(sampled, greedy)
+    assert greedy[0].tolist() != model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                                                   do_sample=False)[0, ids.shape[1]:].tolist()

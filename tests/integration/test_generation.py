@@ -3,7 +3,7 @@
 "Cached equals uncached" passes when both are wrong (it did, when a transformers release renamed the
 decoder layers' cache keyword and cross-attention decoding lost the image after the first token).
 So each strategy is briefly trained through the real `train()` entry point, and then:
-- greedy generation (batched, left-padded, KV cache; late fusion's own decoding loop included)
+- greedy generation (batched, left-padded, KV cache; late fusion's logits mixed at the LM's output head included)
   reproduces, token for token, the argmax of a teacher-forced forward pass over its own output;
 - two different images under the same caption prompt give different captions.
 """

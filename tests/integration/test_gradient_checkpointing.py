@@ -58,7 +58,7 @@ def step(model, batch) -> tuple[float, dict[str, torch.Tensor], int, dict[str, i
 def test_checkpointing_lm_and_fusion_keeps_results_and_saves_memory(xattn_vlm, synthetic):
     samples = read_samples(synthetic["train"])[0][:3]
     batch = Collator(xattn_vlm.tokenizer.pad_token_id)([processor_for(xattn_vlm)(s) for s in samples])
-    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    batch = {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
     plain_loss, plain_grads, plain_saved, plain_calls = step(xattn_vlm, batch)
 
     lm_only = copy.deepcopy(xattn_vlm)

@@ -15,7 +15,7 @@ from vlm.model import VLM
 def test_supervised_positions_only_same_loss_and_logits(tiny_vlm, synthetic):
     samples = read_samples(synthetic["train"])[0][:3]
     batch = Collator(tiny_vlm.tokenizer.pad_token_id)([processor_for(tiny_vlm)(s) for s in samples])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    inputs = {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
     tiny_vlm.eval()
     with torch.no_grad():
         trimmed = tiny_vlm(**inputs)
@@ -38,7 +38,7 @@ def test_every_fusion_gives_the_same_loss_with_logits_at_labels_only(model_confi
     samples = read_samples(synthetic["train"])[0][:3]
     samples.append(Sample("text", [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]))
     batch = Collator(model.tokenizer.pad_token_id)([processor_for(model)(s) for s in samples])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    inputs = {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
     with torch.no_grad():
         trimmed = model(**inputs, num_items_in_batch=torch.tensor(50))
         full = model(**inputs, num_items_in_batch=torch.tensor(50), full_logits=True)

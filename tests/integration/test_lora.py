@@ -27,7 +27,7 @@ def batch(model, synthetic, n=8):
 
 
 def inputs(b):
-    return {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    return {k: getattr(b, k) for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
 
 def test_lora_lowers_loss_and_only_adapters_and_fusion_change(model_config, synthetic):

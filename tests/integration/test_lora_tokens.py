@@ -58,7 +58,7 @@ def end_of_turn_batch(model, image: str, n: int = 4) -> dict:
         for i, word in enumerate(["red", "blue", "green", "red"][:n])
     ]
     batch = Collator(model.tokenizer.pad_token_id)([processor(s) for s in samples])
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    return {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
 
 def train_steps(model, train, data, steps):

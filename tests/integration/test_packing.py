@@ -59,11 +59,11 @@ def _model(model_config, name: str) -> VLM:
 
 def _per_sample_logits(model: VLM, batch: dict, lengths: dict[str, int], **kwargs) -> dict[str, torch.Tensor]:
     """Logits of each sample's own positions, whether its batch is packed or not."""
-    keys = ("input_ids", "attention_mask", "pixel_values", "labels", "position_ids")
+    keys = ("input_ids", "attention_mask", "pixel_values", "labels", "position_ids", "image_seen")
     with torch.no_grad():
-        logits = model(**{k: batch[k] for k in keys if batch.get(k) is not None}, full_logits=True, **kwargs).logits
-    out, per_row = {}, batch.get("samples_per_row") or [1] * len(batch["ids"])
-    ids = iter(batch["ids"])
+        logits = model(**{k: getattr(batch, k) for k in keys if getattr(batch, k) is not None}, full_logits=True, **kwargs).logits
+    out, per_row = {}, batch.samples_per_row or [1] * len(batch.ids)
+    ids = iter(batch.ids)
     for row, count in enumerate(per_row):
         start = 0
         for _ in range(count):
@@ -82,12 +82,12 @@ def test_packed_logits_and_loss_equal_unpacked(model_config, name, how):
     lengths = {item["id"]: len(item["input_ids"]) for item in items}
     unpacked = Collator(model.tokenizer.pad_token_id)(items)
     packed = PackingCollator(model.tokenizer.pad_token_id, max_length=sum(lengths.values()))(items)
-    assert packed["input_ids"].shape[0] == 1 and packed["samples_per_row"] == [4]
+    assert packed.input_ids.shape[0] == 1 and packed.samples_per_row == [4]
     # Images travel in the packed order of their samples.
     by_id = {item["id"]: item for item in items}
-    in_order = [by_id[i]["pixel_values"] for i in packed["ids"] if by_id[i]["pixel_values"] is not None]
-    assert torch.equal(packed["pixel_values"], torch.cat(in_order))
-    assert packed["ids"] != [item["id"] for item in items]  # FFD reordered them, so the order above is tested
+    in_order = [by_id[i]["pixel_values"] for i in packed.ids if by_id[i]["pixel_values"] is not None]
+    assert torch.equal(packed.pixel_values, torch.cat(in_order))
+    assert packed.ids != [item["id"] for item in items]  # FFD reordered them, so the order above is tested
 
     expected = _per_sample_logits(model, unpacked, lengths)
     got = _per_sample_logits(model, packed, lengths, packing_attention=how)
@@ -96,13 +96,13 @@ def test_packed_logits_and_loss_equal_unpacked(model_config, name, how):
     assert worst < ATOL
 
     # The loss, with the global-token normalisation and without it.
-    total = count_supervised(unpacked["labels"])
-    assert count_supervised(packed["labels"]) == total
-    keys = ("input_ids", "attention_mask", "pixel_values", "labels", "position_ids")
+    total = count_supervised(unpacked.labels)
+    assert count_supervised(packed.labels) == total
+    keys = ("input_ids", "attention_mask", "pixel_values", "labels", "position_ids", "image_seen")
     with torch.no_grad():
         for norm in (total, None):
-            a = model(**{k: unpacked[k] for k in keys if unpacked.get(k) is not None}, num_items_in_batch=norm).loss
-            b = model(**{k: packed[k] for k in keys if packed.get(k) is not None}, num_items_in_batch=norm,
+            a = model(**{k: getattr(unpacked, k) for k in keys if getattr(unpacked, k) is not None}, num_items_in_batch=norm).loss
+            b = model(**{k: getattr(packed, k) for k in keys if getattr(packed, k) is not None}, num_items_in_batch=norm,
                       packing_attention=how).loss
             assert abs(float(a) - float(b)) < 1e-5, (float(a), float(b))
 
@@ -117,7 +117,7 @@ def test_without_sample_boundaries_the_packed_logits_differ(model_config, name):
     lengths = {item["id"]: len(item["input_ids"]) for item in items}
     expected = _per_sample_logits(model, Collator(model.tokenizer.pad_token_id)(items), lengths)
     packed = PackingCollator(model.tokenizer.pad_token_id, max_length=sum(lengths.values()))(items)
-    leaky = {k: v for k, v in packed.items() if k != "position_ids"}
+    leaky = packed.replace(position_ids=None)
     got = _per_sample_logits(model, leaky, lengths)
-    later = [k for k in packed["ids"][1:]]  # every sample after the row's first could see an earlier one
+    later = [k for k in packed.ids[1:]]  # every sample after the row's first could see an earlier one
     assert all(float((got[k] - expected[k]).abs().max()) > 1e-3 for k in later)

@@ -92,8 +92,8 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_vlm, image_file
     assert dict(dataset.problems) == {"missing_image": 1, "image_tag_mismatch": 1}
     assert len(dataset) == 2
     batch = Collator(tiny_vlm.tokenizer.pad_token_id)([dataset[0], dataset[1]])
-    assert batch["ids"] == ["good"]
-    assert [(s["skipped"], s["category"]) for s in batch["skipped"]] == [("bad", "corrupt_image")]
+    assert batch.ids == ["good"]
+    assert [(s["skipped"], s["category"]) for s in batch.skipped] == [("bad", "corrupt_image")]
     with pytest.raises(SampleError, match="sample 'gone'.*missing.png"):
         ConversationDataset(samples, processor_for(tiny_vlm), strict=True)
 
@@ -123,6 +123,6 @@ def test_collator_pads_left_for_generation(tiny_vlm, image_file):
     short = {"id": "s", "input_ids": torch.tensor([5, 6]), "labels": torch.tensor([5, 6]), "pixel_values": None}
     long = {"id": "l", "input_ids": torch.tensor([7, 8, 9]), "labels": torch.tensor([7, 8, 9]), "pixel_values": None}
     batch = Collator(0, "left")([short, long])
-    assert batch["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
-    assert batch["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
-    assert batch["pixel_values"] is None
+    assert batch.input_ids.tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert batch.attention_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert batch.pixel_values is None

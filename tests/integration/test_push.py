@@ -47,7 +47,7 @@ def logits(model: VLM, image: Path) -> torch.Tensor:
     sample = Sample("s", [{"role": "user", "content": "<image>\nWhat colour is it?"}], [str(image)])
     batch = Collator(model.tokenizer.pad_token_id, "left")([processor_for(model)(sample, for_generation=True)])
     with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        return model(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
 
 
 def test_pushed_folder_is_complete_loads_with_equal_logits_and_never_carries_the_token(

@@ -1,6 +1,6 @@
-"""The batcher on the fusions with their own decoding (late: its own loop; cross_attention: visual state
-around lm.generate): streamed pieces join to the whole answer, which is the model's own
-`generate_from_batch` answer; `max_tokens` and `stop` end each row on its own. The caption models the
+"""The batcher on the fusions that change `lm.generate` (late: logits mixed at the output head; cross_attention:
+visual state around it): streamed pieces join to the whole answer, which is the model's own
+`generate` answer (decoded by its processor); `max_tokens` and `stop` end each row on its own. The caption models the
 generation tests train (one session fixture), so this adds no training to the suite."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_batched_rows_stream_and_end_on_their_own(train_captioner, fusion):
     processor = processor_for(model)
     samples = [_sample(i) for i in range(3)]
     batch = Collator(model.tokenizer.pad_token_id, "left")([processor(s, for_generation=True) for s in samples])
-    reference = model.generate_from_batch(batch, 12)
+    reference = processor.decode(model.generate(**batch.generation_inputs(), max_new_tokens=12))
     assert all(len(answer.split()) >= 3 for answer in reference), reference
 
     stop = reference[1].split()[-1][-2:]  # a piece of row 1's last word: it must end that row there

@@ -64,8 +64,8 @@ def _open_gates(model: VLM, name: str) -> None:
 
 
 def _forward(model: VLM, batch: dict):
-    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                 full_logits=True, image_grids=batch.get("image_grids"))
+    return model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels,
+                 full_logits=True, image_grids=batch.image_grids)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -89,7 +89,7 @@ def test_every_strategy_fills_exactly_the_positions_laid_out_and_trains(model_co
         assert grown == processor.image_tokens(*size) - (tokens or 1)
 
     batch = Collator(model.tokenizer.pad_token_id)(items)
-    assert batch["image_grids"].tolist() == [[1, 2], [2, 2], [2, 1], [1, 1]]
+    assert batch.image_grids.tolist() == [[1, 2], [2, 2], [2, 1], [1, 1]]
     out = _forward(model, batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -114,15 +114,16 @@ def test_strategies_without_positions_read_every_tile(model_config, name):
     _open_gates(model, name)
     with torch.no_grad():
         batch = Collator(model.tokenizer.pad_token_id, "left")([processor(_samples()[1], for_generation=True)])
-        base = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                     image_grids=batch["image_grids"]).logits[0, -1]
-        pixels = batch["pixel_values"].clone()
+        base = model(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                     image_grids=batch.image_grids).logits[0, -1]
+        pixels = batch.pixel_values.clone()
         pixels[4] = -pixels[4]  # the last tile (bottom right)
-        moved = model(batch["input_ids"], batch["attention_mask"], pixels, image_grids=batch["image_grids"]).logits[0, -1]
+        moved = model(batch.input_ids, batch.attention_mask, pixels, image_grids=batch.image_grids).logits[0, -1]
         assert not torch.allclose(base, moved)
         # Decoding reads the tiles as the forward pass does: its first greedy token is each one's argmax.
-        for pixel_values, logits in ((batch["pixel_values"], base), (pixels, moved)):
-            first = model.generate_from_batch({**batch, "pixel_values": pixel_values}, max_new_tokens=1)
+        for pixel_values, logits in ((batch.pixel_values, base), (pixels, moved)):
+            first = processor.decode(model.generate(**batch.replace(pixel_values=pixel_values).generation_inputs(),
+                                                    max_new_tokens=1))
             assert first == [model.tokenizer.decode([int(logits.argmax())], skip_special_tokens=True).strip()]
 
 
@@ -131,11 +132,11 @@ def test_a_mismatched_count_names_the_sample(model_config):
     batch = Collator(model.tokenizer.pad_token_id, "left")(
         [processor_for(model)(s, for_generation=True) for s in _samples()[:2]]
     )
-    batch["image_grids"] = torch.tensor([[1, 2], [1, 2]])  # the square image claims fewer tiles than its text has
+    batch.image_grids = torch.tensor([[1, 2], [1, 2]])  # the square image claims fewer tiles than its text has
     with pytest.raises(ValueError, match="sample 'square' has"):
-        model.generate_from_batch(batch, max_new_tokens=2)
+        model.generate(**batch.generation_inputs(), max_new_tokens=2)
     with pytest.raises(ValueError, match="batch row 1 has"):
-        model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_grids=batch["image_grids"])
+        model(batch.input_ids, batch.attention_mask, batch.pixel_values, image_grids=batch.image_grids)
 
 
 def test_saved_folder_tiles_the_same_way_and_off_is_unchanged(model_config, tmp_path):
@@ -163,7 +164,7 @@ def test_saved_folder_tiles_the_same_way_and_off_is_unchanged(model_config, tmp_
     assert torch.equal(retiled["pixel_values"], expected["pixel_values"])
     for max_tiles in (0, 1):  # one tile is the thumbnail alone: exactly no tiling
         item = processor_for(_build(model_config, "projector", max_tiles))(sample)
-        assert set(item) == {"id", "input_ids", "labels", "pixel_values"} and item["pixel_values"].shape[0] == 1
+        assert set(item) == {"id", "input_ids", "labels", "image_seen", "pixel_values"} and item["pixel_values"].shape[0] == 1
 
 
 def test_data_check_and_max_length_count_the_tiled_total(model_config, tmp_path):
@@ -197,13 +198,14 @@ def test_packed_rows_keep_each_samples_tiles(model_config, name):
         items = {item["id"]: item for item in (processor(s) for s in _samples())}
         lengths = sum(len(item["input_ids"]) for item in items.values())
         packed = PackingCollator(model.tokenizer.pad_token_id, max_length=lengths)(list(items.values()))
-        assert packed["input_ids"].shape[0] == 1
-        grids = [items[i]["image_grids"] for i in packed["ids"] if items[i].get("image_grids") is not None]
-        assert torch.equal(packed["image_grids"], torch.cat(grids))
-        row = model(packed["input_ids"], packed["attention_mask"], packed["pixel_values"],
-                    position_ids=packed["position_ids"], image_grids=packed["image_grids"], full_logits=True).logits[0]
+        assert packed.input_ids.shape[0] == 1
+        grids = [items[i]["image_grids"] for i in packed.ids if items[i].get("image_grids") is not None]
+        assert torch.equal(packed.image_grids, torch.cat(grids))
+        row = model(packed.input_ids, packed.attention_mask, packed.pixel_values,
+                    position_ids=packed.position_ids, image_grids=packed.image_grids,
+                    image_seen=packed.image_seen, full_logits=True).logits[0]
         start = 0
-        for sample_id in packed["ids"]:
+        for sample_id in packed.ids:
             alone = _forward(model, Collator(model.tokenizer.pad_token_id)([items[sample_id]])).logits[0]
             assert torch.allclose(row[start : start + alone.shape[0]], alone, atol=1e-4), sample_id
             start += alone.shape[0]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from vlm.data.batch import Batch
 from vlm.data.packing import PackingCollator, first_fit_decreasing, padding_share
 from vlm.data.samplers import LengthGroupedSampler
-from vlm.image_slots import image_index, slot_in_sample
 from vlm.loss import IGNORE_INDEX
 from vlm.packed import block_causal_mask, segment_ids
 
@@ -34,15 +34,15 @@ def _item(sample_id: str, n: int, images: int = 0) -> dict:
 
 def test_packed_rows_restart_positions_ignore_each_first_label_and_keep_image_order():
     batch = PackingCollator(pad_token_id=0, max_length=8)([_item("a", 3, 1), _item("b", 5), _item("c", 4, 2)])
-    assert batch["samples_per_row"] == [1, 2] and batch["ids"] == ["b", "c", "a"]  # 5 | 4 + 3: even rows
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
-    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX, 2, 3]
-    assert batch["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 2  # padding
-    assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 2, [1] * 7]
-    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [4.0, 4.0, 3.0]  # c's two images, then a's
+    assert batch.samples_per_row == [1, 2] and batch.ids == ["b", "c", "a"]  # 5 | 4 + 3: even rows
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
+    assert batch.labels[1].tolist() == [IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX, 2, 3]
+    assert batch.labels[0, 5:].tolist() == [IGNORE_INDEX] * 2  # padding
+    assert batch.attention_mask.tolist() == [[1] * 5 + [0] * 2, [1] * 7]
+    assert batch.pixel_values[:, 0, 0, 0].tolist() == [4.0, 4.0, 3.0]  # c's two images, then a's
     assert padding_share(batch) == pytest.approx(2 / 14)
-    assert PackingCollator(0, 8)([{"skipped": "x", "category": "c", "detail": "d"}]) == {
-        "skipped": [{"skipped": "x", "category": "c", "detail": "d"}], "ids": []}
+    assert PackingCollator(0, 8)([{"skipped": "x", "category": "c", "detail": "d"}]) == Batch(
+        ids=[], skipped=[{"skipped": "x", "category": "c", "detail": "d"}])
 
 
 def test_segments_and_block_causal_mask_keep_samples_apart():
@@ -53,15 +53,6 @@ def test_segments_and_block_causal_mask_keep_samples_apart():
     assert mask[2].tolist() == [True, True, True, False, False, False]
     additive = block_causal_mask(positions, torch.float32)[0, 0]
     assert additive[4, 3] == 0 and additive[4, 2] == torch.finfo(torch.float32).min
-
-
-def test_a_sample_never_sees_the_previous_samples_image():
-    # Row: sample 0 = [img, t, t], sample 1 = [t, img, t]; sample 1's first position has no image yet.
-    markers = torch.tensor([[1, 0, 0, 0, 1, 0]], dtype=torch.bool)
-    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    assert slot_in_sample(markers).tolist() == [[0, 0, 0, 0, 1, 1]]  # unpacked reading: leaks
-    assert slot_in_sample(markers, positions).tolist() == [[0, 0, 0, -1, 1, 1]]
-    assert image_index(markers, positions).tolist() == [[0, 0, 0, -1, 1, 1]]
 
 
 def test_modality_grouping_never_mixes_image_and_text_batches_but_one():

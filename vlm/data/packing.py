@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import torch
 
 from ..loss import IGNORE_INDEX
-from .collator import PER_IMAGE_KEYS, Collator
+from .batch import Batch
+from .collator import PER_IMAGE_KEYS, Collator, images_in
 
 
 def first_fit_decreasing(
@@ -101,14 +102,22 @@ def pack_row(items: list[dict[str, Any]]) -> dict[str, Any]:
         "input_ids": torch.cat([item["input_ids"] for item in items]),
         "labels": torch.cat(labels),
         "position_ids": torch.cat([torch.arange(len(item["input_ids"])) for item in items]),
+        "image_seen": None,
     }
+    if all(item.get("image_seen") is not None for item in items):
+        # Each sample's indices start at -1 (no image yet), so no position sees an earlier sample's image.
+        seen, before = [], 0
+        for item in items:
+            seen.append(torch.where(item["image_seen"] >= 0, item["image_seen"] + before, -1))
+            before += images_in(item["image_seen"])
+        row["image_seen"] = torch.cat(seen)
     for key in PER_IMAGE_KEYS:
         parts = [item[key] for item in items if item.get(key) is not None]
         row[key] = torch.cat(parts) if parts else None
     return row
 
 
-def padding_share(batch: dict[str, Any]) -> float:
+def padding_share(batch: Batch) -> float:
     """Share of a collated batch's positions that are padding."""
-    mask = batch["attention_mask"]
+    mask = batch.attention_mask
     return 1.0 - float(mask.sum()) / mask.numel()

@@ -2,7 +2,7 @@
 
 lmms-eval finds it through the `lmms_eval.models` entry point in pyproject.toml (`manifests` below),
 so nothing in lmms-eval's package is edited. Answers come from the same processor
-(`for_generation=True`), left-padding Collator and `VLM.generate_from_batch` as `vlm predict`,
+(`for_generation=True`), left-padding Collator, `VLM.generate` and `VLMProcessor.decode` as `vlm predict`,
 through `Pipeline.generate_batch`, so with the same batch size they are `vlm predict`'s answers.
 `loglikelihood` (multiple-choice tasks scored by likelihood) scores a continuation after the same prompt.
 This module imports lmms-eval; nothing else in `vlm` imports this module.

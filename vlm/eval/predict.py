@@ -53,11 +53,12 @@ def predict(
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as handle, torch.inference_mode():
         for batch in progress_bar(loader, desc="predict", unit="batch"):
-            for item in batch["skipped"]:
+            for item in batch.skipped:
                 logger.warning("Skipping sample '%s': %s", item["skipped"], item["detail"])
-            if "input_ids" not in batch:
+            if not batch.has_inputs:
                 continue
-            for sample_id, text in zip(batch["ids"], model.generate_from_batch(batch, max_new_tokens)):
+            answers = processor.decode(model.generate(**batch.generation_inputs(), max_new_tokens=max_new_tokens))
+            for sample_id, text in zip(batch.ids, answers):
                 handle.write(json.dumps({"id": sample_id, "prediction": text}) + "\n")
                 written += 1
     return written

@@ -17,7 +17,6 @@ import torch
 
 from ..data.collator import Collator
 from ..data.sample import Sample
-from ..loss import count_supervised
 from ..model import VLM
 from ..processor import VLMProcessor
 
@@ -40,7 +39,7 @@ def greedy_replies(model: VLM, processor: VLMProcessor, prompts: list[str], max_
     for start in range(0, len(prompts), batch_size):
         items = [processor(_turns(f"chat-{start + i}", p), for_generation=True)
                  for i, p in enumerate(prompts[start:start + batch_size])]
-        replies += model.generate_from_batch(collate(items), max_new_tokens)
+        replies += processor.decode(model.generate(**collate(items).generation_inputs(), max_new_tokens=max_new_tokens))
     return replies
 
 
@@ -54,9 +53,8 @@ def reply_loss(model: VLM, processor: VLMProcessor, prompts: list[str], replies:
     for start in range(0, len(pairs), batch_size):
         items = [processor(_turns(f"chat-{start + i}", p, r)) for i, (p, r) in enumerate(pairs[start:start + batch_size])]
         batch = collate(items)
-        count = count_supervised(batch["labels"])
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    num_items_in_batch=torch.tensor(count))
+        count = batch.supervised_tokens()
+        out = model(**batch.model_inputs(), num_items_in_batch=torch.tensor(count))
         total, tokens = total + float(out.loss) * count, tokens + count
     return total / max(tokens, 1)
 

@@ -42,6 +42,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import FusionOptions, ModelConfig, register_fusion_options
 from ..encoders import VisionEncoder
+from ..image_positions import ImagePositions
 
 _REGISTRY: dict[str, type["Fusion"]] = {}
 
@@ -133,29 +134,26 @@ class Fusion(nn.Module, ABC):
 
     def lm_forward(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        image_views: torch.Tensor | None = None, **kwargs: Any,
+        image_features: torch.Tensor | None, images: ImagePositions | None = None, **kwargs: Any,
     ) -> Any:
         """Run the LM on embeddings whose image positions are already filled; return its output (or a
         `FusionOutput`) with `logits`, never a loss (the model computes it, vlm/loss.py).
 
-        image_mask [batch, seq]: True at image-token positions (with tokens_per_image == 0, one marker
-        per image), for strategies that need to know where each image sits in the text.
-        image_views [num_images]: with tiling (vlm/tiling.py), how many consecutive rows of image_features
-        (thumbnail, then tiles) belong to each image; None: one each. Strategies that fill positions
-        (tokens_per_image > 0) need not read it: the views' tokens already sit in the image's positions.
+        images: for strategies that occupy no positions (tokens_per_image == 0), where each image's
+        marker sits and which image each position sees, as the collator laid them out, with tiling's
+        views per image (vlm/image_positions.py); None when the batch has no image or the strategy fills
+        positions (its views' tokens already sit in the image's positions).
         kwargs go to the LM, `logits_to_keep` ([batch, seq] bool) included: logits only at those positions.
 
-        One image with no marker at all is the placeholder the trainer adds to a text-only batch
-        (vlm/image_slots.py): run every trainable parameter as usual but contribute exactly zero, so that
-        in distributed training every rank runs the same modules (matching collectives, no unused parameters).
+        `images.placeholder` flags the image the trainer adds to a text-only batch: run every trainable
+        parameter as usual but contribute exactly zero, so that in distributed training every rank runs the
+        same modules (matching collectives, no unused parameters).
         """
         return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def lm_generate(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        image_views: torch.Tensor | None = None, **kwargs: Any,
+        image_features: torch.Tensor | None, images: ImagePositions | None = None, **kwargs: Any,
     ) -> torch.Tensor:
         """Generate new tokens [batch, new_tokens] from a left-padded prompt (arguments as `lm_forward`)."""
         return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

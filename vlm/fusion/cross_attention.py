@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, FusionOptions
-from ..image_slots import check_markers, image_offsets, is_placeholder, slot_in_sample
+from ..image_positions import ImagePositions
 from ..tiling import group_views
 from .base import Fusion, LMShape, VisionShape, register_fusion
 from .decoder_layers import STATE_KWARG, active_state, past_length_of_call, wrap_layers
@@ -222,38 +222,36 @@ class CrossAttentionFusion(Fusion):
         return [*super().forward_methods(), *((block, "key_values") for block in self.blocks.values())]
 
     def visual_state(
-        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None, precompute: bool = False,
-        position_ids: torch.Tensor | None = None, image_views: torch.Tensor | None = None,
+        self, image_features: torch.Tensor | None, images: ImagePositions | None, precompute: bool = False,
     ) -> VisualState | None:
-        """image_features [num_images, patches, vision_dim] (samples in order); image_mask [batch, seq]
-        True at each image's marker token; position_ids [batch, seq] of a packed batch, so a sample never
-        sees an earlier sample's image in its row (vlm/packed.py). None when the batch has no images. With
-        tiling, image_features holds every view and image_views [num_images] how many belong to each image:
-        a text position then reads all of its image's views' tokens (thumbnail and tiles)."""
+        """image_features [num_views, patches, vision_dim] (samples in order); images: where each image's marker
+        sits and which image each position sees (vlm/image_positions.py: in a packed row, never an earlier
+        sample's). None when the batch has no images. With tiling (images.views [num_images] views per image) a
+        text position reads all of its image's views' tokens (thumbnail and tiles)."""
         if image_features is None or image_features.shape[0] == 0:
             return None
-        if image_mask is None:
-            raise ValueError("The cross_attention fusion needs `image_mask` (where each image's marker sits).")
-        if is_placeholder(int(image_mask.sum()), image_features.shape[0]):
-            return self._placeholder_state(image_features, image_mask)
-        counts = check_markers(image_mask, image_features.shape[0] if image_views is None else image_views.shape[0])
+        if images is None:
+            raise ValueError("The cross_attention fusion needs the batch's image positions (where each marker sits).")
+        if images.placeholder:
+            return self._placeholder_state(image_features, images.markers)
+        images.check(image_features.shape[0] if images.views is None else images.views.shape[0])
+        counts = images.per_row()
         visual = self.embed_images(image_features)  # [num_views, tokens, dim]
         image_keys = None
-        if image_views is not None:  # [num_images, max_views * tokens, dim] and which of those keys are real
-            visual, image_keys = group_views(visual, image_views)
+        if images.views is not None:  # [num_images, max_views * tokens, dim] and which of those keys are real
+            visual, image_keys = group_views(visual, images.views)
         n, tokens, dim = visual.shape
-        max_images = int(counts.max())
+        max_images = max(int(counts.max()), 1)
         slots = torch.arange(max_images, device=visual.device)
-        index = image_offsets(counts).unsqueeze(1) + slots  # [batch, max_images] into the image list
+        index = (counts.cumsum(0) - counts).unsqueeze(1) + slots  # [batch, max_images] into the image list
         valid = (slots < counts.unsqueeze(1)).view(-1, max_images, 1, 1)
         per_sample = torch.where(valid, visual[index.clamp(max=n - 1)], 0.0)  # [batch, max_images, tokens, dim]
-        token_slot = slot_in_sample(image_mask, position_ids)
         key_valid = None if image_keys is None else torch.where(
             valid.view(-1, max_images, 1), image_keys[index.clamp(max=n - 1)], True
         ).reshape(-1, max_images * tokens)
         return VisualState(
-            self.blocks, per_sample.reshape(-1, max_images * tokens, dim), tokens, token_slot, counts - 1, precompute,
-            key_valid,
+            self.blocks, per_sample.reshape(-1, max_images * tokens, dim), tokens, images.slot_in_row(), counts - 1,
+            precompute, key_valid,
         )
 
     def _placeholder_state(self, image_features: torch.Tensor, image_mask: torch.Tensor) -> VisualState:
@@ -267,21 +265,19 @@ class CrossAttentionFusion(Fusion):
             self.blocks, visual.expand(batch, -1, -1).contiguous(), tokens, no_slot, no_slot[:, 0], precompute=False
         )
 
-    def _with_marker_embedding(self, embeds: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
-        """embeds [batch, seq, dim] with the marker positions (image_mask [batch, seq]) set to the trained row."""
-        if image_mask is None:
+    def _with_marker_embedding(self, embeds: torch.Tensor, images: ImagePositions | None) -> torch.Tensor:
+        """embeds [batch, seq, dim] with the marker positions (images.markers [batch, seq]) set to the trained row."""
+        if images is None:
             return embeds
-        return torch.where(image_mask.unsqueeze(-1), self.image_embedding.to(embeds.dtype), embeds)
+        return torch.where(images.markers.unsqueeze(-1), self.image_embedding.to(embeds.dtype), embeds)
 
     def lm_forward(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        image_views: torch.Tensor | None = None, **kwargs: Any,
+        image_features: torch.Tensor | None, images: ImagePositions | None = None, **kwargs: Any,
     ) -> Any:
         """As the base, with the visual state passed down to the wrapped layers as a forward keyword."""
-        inputs_embeds = self._with_marker_embedding(inputs_embeds, image_mask)
-        state = self.visual_state(image_features, image_mask, position_ids=kwargs.get("position_ids"),
-                                  image_views=image_views)
+        inputs_embeds = self._with_marker_embedding(inputs_embeds, images)
+        state = self.visual_state(image_features, images)
         if state is not None:
             state.past_length = past_length_of_call({**kwargs, "inputs_embeds": inputs_embeds,
                                                      "attention_mask": attention_mask})
@@ -290,13 +286,13 @@ class CrossAttentionFusion(Fusion):
 
     def lm_generate(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        image_views: torch.Tensor | None = None, cache_visual_kv: bool = True, **kwargs: Any,
+        image_features: torch.Tensor | None, images: ImagePositions | None = None, cache_visual_kv: bool = True,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """As the base; each block's visual K/V is computed once per prompt (`cache_visual_kv`) and
         reused at every decode step. Generated tokens see the last image of their sample's prompt."""
-        inputs_embeds = self._with_marker_embedding(inputs_embeds, image_mask)
-        state = self.visual_state(image_features, image_mask, precompute=cache_visual_kv, image_views=image_views)
+        inputs_embeds = self._with_marker_embedding(inputs_embeds, images)
+        state = self.visual_state(image_features, images, precompute=cache_visual_kv)
         with active_state(state):
             return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 

@@ -25,16 +25,18 @@ never the question: that is what "late" means, and why it cannot answer what dep
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import contextvars
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import slice_logits_to_keep
 
 from ..config import ConfigError, FusionOptions
-from ..image_slots import check_markers, image_index, is_placeholder
+from ..image_positions import ImagePositions
 from ..tiling import mean_over_views
 from .base import Fusion, FusionOutput, LMShape, VisionShape, register_fusion
 
@@ -81,26 +83,22 @@ class LateFusion(Fusion):
         return F.log_softmax(self.head(F.gelu(self.hidden(pooled))).float(), dim=-1).unsqueeze(1)
 
     def _image_of_position(
-        self, image_features: torch.Tensor | None, image_mask: torch.Tensor | None, views: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
+        self, image_features: torch.Tensor | None, images: ImagePositions | None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per position, the vision log-probs of its sample's most recent image: ([batch, seq, vocab]
-        log-probs, [batch, seq] has-an-image); None when the batch has no images. position_ids: a packed
-        batch's (vlm/packed.py)."""
+        log-probs, [batch, seq] has-an-image); None when the batch has no images."""
         if image_features is None or image_features.shape[0] == 0:
             return None
-        if image_mask is None:
-            raise ValueError("The late fusion needs `image_mask` (where each image's marker sits).")
-        n = image_features.shape[0] if views is None else views.shape[0]
-        if is_placeholder(int(image_mask.sum()), n):
-            # The placeholder image of a text-only training batch (vlm/image_slots.py): every position
-            # is text-only, the head still runs so all its parameters take part (with zero effect).
+        if images is None:
+            raise ValueError("The late fusion needs the batch's image positions (where each marker sits).")
+        if images.placeholder:
+            # A text-only training batch's stand-in: every position is text-only, the head still runs so
+            # all its parameters take part (with zero effect).
             vision_logp = self.embed_images(image_features)[:, 0]
-            return vision_logp.expand(*image_mask.shape, -1), torch.zeros_like(image_mask)
-        check_markers(image_mask, n)
-        vision_logp = self.embed_images(image_features, views)[:, 0]  # [n, vocab]
-        index = image_index(image_mask, position_ids)  # [batch, seq]; -1 before the sample's first image
-        return vision_logp[index.clamp(min=0)], index >= 0
+            return vision_logp.expand(*images.markers.shape, -1), torch.zeros_like(images.markers)
+        images.check(image_features.shape[0] if images.views is None else images.views.shape[0])
+        vision_logp = self.embed_images(image_features, images.views)[:, 0]  # [n, vocab]
+        return vision_logp[images.seen.clamp(min=0)], images.seen >= 0
 
     def mix(
         self, lm_logits: torch.Tensor, hidden: torch.Tensor, vision_logp: torch.Tensor, has_image: torch.Tensor
@@ -118,80 +116,97 @@ class LateFusion(Fusion):
             return lm_logits + 0 * mixed.sum().to(lm_logits.dtype)
         return torch.where(has_image.unsqueeze(-1), mixed.to(lm_logits.dtype), lm_logits)
 
+    def attach(self, lm: nn.Module, image_token_id: int) -> None:
+        """Hook the LM's output head, so every LM call made while a mixing state is active (`_active`)
+        returns the mixed logits: transformers' own `generate` then decodes late fusion like any other
+        strategy (sampling, beams, streamers, stopping criteria). Idempotent; creates no parameters."""
+        head = lm.get_output_embeddings()
+        if not any(hook is _mix_at_head for hook in head._forward_hooks.values()):
+            head.register_forward_hook(_mix_at_head)
+
     def lm_forward(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        image_views: torch.Tensor | None = None, **kwargs: Any,
+        image_features: torch.Tensor | None, images: ImagePositions | None = None, **kwargs: Any,
     ) -> Any:
         """The LM's own call when the batch has no image; otherwise its logits mixed with the vision
         head's (at the `logits_to_keep` positions only, when given), with the LM's own as `aux_logits`."""
-        vision = self._image_of_position(image_features, image_mask, image_views, kwargs.get("position_ids"))
+        vision = self._image_of_position(image_features, images)
         if vision is None:
             return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        kwargs["output_hidden_states"] = True
-        out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        hidden, (vision_logp, has_image) = out.hidden_states[-1], vision
+        vision_logp, has_image = vision
         kept = kwargs.get("logits_to_keep")
-        if torch.is_tensor(kept):  # [batch, seq] bool: the LM returned logits [num_kept, vocab]
-            hidden, vision_logp, has_image = hidden[kept], vision_logp[kept], has_image[kept]
-        elif kept:  # an int: the last `kept` positions
-            hidden, vision_logp, has_image = hidden[:, -kept:], vision_logp[:, -kept:], has_image[:, -kept:]
+        if kept is not None:  # the head sees only these positions: align with transformers' own slicing
+            vision_logp = slice_logits_to_keep(vision_logp, kept)
+            has_image = slice_logits_to_keep(has_image.unsqueeze(-1), kept).squeeze(-1)
+        state = _HeadState(self, vision_logp, has_image, per_row=False)
+        with _active(state):
+            out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         # The loss reads the LM's own logits too (aux_logits): without them the gate saturates towards the
         # vision head early (which soon beats a not-yet-adapted LM), the LM then gets no gradient and never
         # learns the text (measured: g -> 1.0000 everywhere, empty answers, after 200 quickstart steps).
-        return FusionOutput(
-            logits=self.mix(out.logits, hidden, vision_logp, has_image), aux_logits=out.logits,
-            past_key_values=out.past_key_values,
-        )
+        return FusionOutput(logits=out.logits, aux_logits=state.lm_logits, past_key_values=out.past_key_values)
 
-    @torch.no_grad()
     def lm_generate(
         self, lm: nn.Module, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-        image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None,
-        image_views: torch.Tensor | None = None, max_new_tokens: int = 64, do_sample: bool = False,
-        streamer: Any = None, stopping_criteria: Any = None, **kwargs: Any,
+        image_features: torch.Tensor | None, images: ImagePositions | None = None, **kwargs: Any,
     ) -> torch.Tensor:
-        """Greedy decoding with the LM's KV cache from a left-padded prompt -> new tokens [batch, new];
-        each step's logits are mixed as in `lm_forward` (generated tokens see their sample's last image).
-        `streamer` and `stopping_criteria` act as in `lm.generate` (`vlm serve` streams through them)."""
-        if do_sample or kwargs.get("num_beams", 1) != 1:
-            raise NotImplementedError("model.fusion='late' generates greedily only (do_sample=False, num_beams=1).")
-        vision = self._image_of_position(image_features, image_mask, image_views)
-        eos = lm.generation_config.eos_token_id
-        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
-        pad = lm.generation_config.pad_token_id
-        pad = pad if pad is not None else int(eos[0]) if len(eos) else 0
-        batch = inputs_embeds.shape[0]
-        mask = attention_mask.long()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        step_inputs: dict[str, Any] = {"inputs_embeds": inputs_embeds}
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under peft
-        # transformers renamed the cache keyword (`past_key_values` -> `cache`); an unknown keyword would be
-        # swallowed by **kwargs and every step would decode without its past, so ask the signature.
-        cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        past, new_tokens = None, []
-        finished = torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
-        for _ in range(max_new_tokens):
-            out = lm(
-                **step_inputs, attention_mask=mask, position_ids=positions, **{cache_kw: past}, use_cache=True,
-                output_hidden_states=vision is not None,
-            )
-            past, logits = out[cache_kw], out.logits[:, -1:]
-            if vision is not None:
-                # The prompt's last position already sees its sample's last image, as do all new tokens.
-                logits = self.mix(logits, out.hidden_states[-1][:, -1:], vision[0][:, -1:], vision[1][:, -1:])
-            token = torch.where(finished, pad, logits[:, 0].argmax(-1))
-            new_tokens.append(token)
-            finished |= torch.isin(token, eos.to(token.device))
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if stopping_criteria is not None:
-                finished |= stopping_criteria(torch.stack(new_tokens, dim=1), None).to(finished.device)
-            if bool(finished.all()):
-                break
-            step_inputs = {"input_ids": token.unsqueeze(1)}
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-        if streamer is not None:
-            streamer.end()
-        return torch.stack(new_tokens, dim=1)
+        """`lm.generate` with every step's logits mixed at the output head: new tokens see their sample's
+        last image (the prompt's last position already does), so the state is one row per sample."""
+        vision = self._image_of_position(image_features, images)
+        if vision is None:
+            return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        vision_logp, has_image = vision
+        with _active(_HeadState(self, vision_logp[:, -1], has_image[:, -1], per_row=True)):
+            return lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+@dataclass
+class _HeadState:
+    """One LM call's mixing inputs, handed to the output-head hook through a context variable (never
+    stored on a module). vision_logp [*, vocab] and has_image [*] are aligned with the head's input
+    positions (* = [batch, q] or [num_kept]), or with `per_row` one row per sample ([batch]) for every
+    position (generation: beams and num_return_sequences repeat each sample's rows, so they are repeated
+    to match). lm_logits: the LM's own logits, recorded by the hook (the loss's `aux_logits`)."""
+
+    fusion: LateFusion
+    vision_logp: torch.Tensor
+    has_image: torch.Tensor
+    per_row: bool
+    lm_logits: torch.Tensor | None = None
+
+    def aligned(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vision_logp, has_image) shaped as hidden [*, dim]."""
+        if not self.per_row:
+            if hidden.shape[:-1] != self.has_image.shape:
+                raise RuntimeError(f"Late fusion's state covers positions {tuple(self.has_image.shape)} but the "
+                                   f"LM's head ran on {tuple(hidden.shape[:-1])}; call the LM once per state.")
+            return self.vision_logp, self.has_image
+        repeat = hidden.shape[0] // self.has_image.shape[0]
+        logp, has = self.vision_logp.repeat_interleave(repeat, 0), self.has_image.repeat_interleave(repeat, 0)
+        queries = hidden.shape[1:-1]  # (q,) for [rows, q, dim]
+        return (logp.view(logp.shape[0], *[1] * len(queries), -1).expand(*hidden.shape[:-1], -1),
+                has.view(has.shape[0], *[1] * len(queries)).expand(hidden.shape[:-1]))
+
+
+_ACTIVE: contextvars.ContextVar[_HeadState | None] = contextvars.ContextVar("vlm_late_state", default=None)
+
+
+@contextlib.contextmanager
+def _active(state: _HeadState) -> Iterator[None]:
+    token = _ACTIVE.set(state)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _mix_at_head(head: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook on the LM's output head: the head's input is the LM's last hidden state (after its
+    final norm), which the gate reads; outside a late-fusion call (`_active`) the logits pass unchanged."""
+    state = _ACTIVE.get()
+    if state is None:
+        return None
+    hidden = args[0]
+    vision_logp, has_image = state.aligned(hidden)
+    state.lm_logits = logits
+    return state.fusion.mix(logits, hidden, vision_logp, has_image)

@@ -88,11 +88,9 @@ class Batcher:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
                 if request.seed is not None:
                     torch.manual_seed(request.seed)
-                self.model.generate_from_batch(batch, max(job.request.max_tokens for job in jobs), **kwargs)
+                new_tokens = max(job.request.max_tokens for job in jobs)
+                self.model.generate(**batch.generation_inputs(), max_new_tokens=new_tokens, **kwargs)
             stream.end()
-        except NotImplementedError as err:  # e.g. late fusion asked to sample
-            for job in jobs:
-                job.fail(400, str(err))
         except Exception as err:  # noqa: BLE001 - one failed call must not take the server down
             logger.error("generation failed for %d request(s): %s: %s", len(jobs), type(err).__name__, err)
             for job in jobs:

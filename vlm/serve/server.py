@@ -93,8 +93,6 @@ class VLMServer:
         if self.context is not None and length > self.context:
             raise ApiError(400, f"The prompt ({int(item['input_ids'].shape[0])} tokens, images included) plus "
                                 f"max_tokens={request.max_tokens} is over the model's {self.context}-token context.")
-        if request.temperature > 0 and self.model.config.fusion == "late":
-            raise ApiError(400, "This model (fusion 'late') answers greedily only: send temperature 0 or omit it.")
         return Job(request, item)
 
 

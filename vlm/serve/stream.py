@@ -50,7 +50,7 @@ class Job:
 def visible_text(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
     """What a client may see of the decoded text so far, and whether a stop string ended it.
 
-    The answer is stripped as `VLM.generate_from_batch` strips it (so it equals `vlm predict`'s). Until
+    The answer is stripped as `VLMProcessor.decode` strips it (so it equals `vlm predict`'s). Until
     the row is final, trailing whitespace, an incomplete UTF-8 character and any tail that could still
     grow into a stop string are held back, so streamed pieces never need taking back."""
     text = text.lstrip()

@@ -13,16 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..config import Config
+from ..data.batch import Batch
 from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.packing import PackingCollator
 from ..data.sample import DataError
-from ..image_slots import with_placeholder
-from ..loss import IGNORE_INDEX, count_supervised
 from .state import DataPosition
-
-Batch = dict[str, Any]
-
 
 def make_loader(
     dataset: ConversationDataset, processor_pad: int, batch_size: int, shuffle: bool, config: Config,
@@ -64,31 +60,6 @@ def micro_batches(
                 "share of the data has fewer; lower train.batch_size or train.grad_accum."
             )
         position = position.next_epoch()
-
-
-def model_inputs(batch: Batch) -> Batch:
-    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_features", "labels", "image_grids")
-    return {key: batch[key] for key in keys if batch.get(key) is not None}
-
-
-def supervised_tokens(batch: Batch) -> int:
-    """Tokens the loss reads (vlm/loss.py); 0 for the stand-in of a batch whose samples all failed to load."""
-    return count_supervised(batch["labels"])
-
-
-def to_device(inputs: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
-
-
-def forward_inputs(batch: Batch, vision: torch.nn.Module, cached: bool, device: torch.device) -> Batch:
-    """What the model's forward takes from a collated batch, on `device`; a text-only batch gets the tower's
-    placeholder image (vlm/image_slots.py), so every rank's forward reaches the same weights."""
-    return to_device(with_placeholder(model_inputs(batch), vision, cached), device)
-
-
-def zero_weight(batch: Batch) -> Batch:
-    """The same inputs with no supervised token: the forward and backward run, the gradient is zero."""
-    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
 
 
 def first_readable_item(dataset: ConversationDataset) -> dict[str, Any]:

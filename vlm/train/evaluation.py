@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 
 from ..factory import processor_for
-from .batches import Batch, forward_inputs, supervised_tokens
+from ..data.batch import Batch
 from .distributed import DistEnv, all_reduce_sum, gather_objects
 from .sharding.base import Strategy
 
@@ -31,10 +31,10 @@ def eval_loss(strategy: Strategy, batches: Iterable[Batch], env: DistEnv, cached
     skipped: dict[str, str] = {}
     vision = strategy.unwrapped().vision
     for batch in batches:
-        skipped.update({item["skipped"]: item["category"] for item in batch["skipped"]})
-        tokens = supervised_tokens(batch)
+        skipped.update({item["skipped"]: item["category"] for item in batch.skipped})
+        tokens = batch.supervised_tokens()
         weight = max(tokens, 1)  # a weight-0 stand-in has no supervised token: its loss is 0 either way
-        inputs = forward_inputs(batch, vision, cached, env.device)
+        inputs = batch.forward_inputs(vision, cached, env.device)
         with strategy.autocast():
             out = module(**inputs, num_items_in_batch=torch.tensor(weight, device=env.device))
         total += torch.tensor([float(out.loss) * weight, tokens], dtype=torch.float64)

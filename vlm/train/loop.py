@@ -25,6 +25,7 @@ import yaml
 from transformers import set_seed
 
 from ..config import Config, config_to_dict
+from ..data.batch import Batch
 from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.feature_cache import FeatureCache, encoder_fingerprint
@@ -35,8 +36,7 @@ from ..data.samplers import ResumableSampler, training_sampler
 from ..hub.publish import LATEST_DIR, TrainingPublisher
 from ..model import VLM
 from ..progress import progress_bar
-from .batches import (Batch, first_readable_item, forward_inputs, make_loader, micro_batches, supervised_tokens,
-                      zero_weight)
+from .batches import first_readable_item, make_loader, micro_batches
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
 from .early_stopping import check_early_stopping, eval_progress
@@ -241,19 +241,19 @@ class Trainer:
         rank: the global token count, one finiteness check per micro-batch, the loss / stop totals."""
         strategy, env, cached = self.strategy, self.env, self.config.data.cache_features
         for batch in micro:
-            for item in batch["skipped"]:
+            for item in batch.skipped:
                 self.state.count_skipped(item["category"])
                 logger.warning("Skipping sample '%s': %s", item["skipped"], item["detail"])
-        local_tokens = sum(supervised_tokens(b) for b in micro)
+        local_tokens = sum(b.supervised_tokens() for b in micro)
         counts = all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64), env)
         # An integer tensor: FSDP's mixed-precision policy casts floating forward inputs to bf16.
         global_tokens = torch.tensor(max(int(counts[0]), 1), device=env.device)
         loss_sum, bad, ids = 0.0, False, []
         for i, batch in enumerate(micro):
-            ids += batch["ids"]
-            if batch["ids"]:  # not the weight-0 stand-in of a batch whose samples were all unreadable
+            ids += batch.ids
+            if batch.ids:  # not the weight-0 stand-in of a batch whose samples were all unreadable
                 self.fallback = batch
-            inputs = forward_inputs(batch, self.model.vision, cached, env.device)
+            inputs = batch.forward_inputs(self.model.vision, cached, env.device)
             with strategy.micro_batch(last=i == len(micro) - 1):
                 with strategy.autocast():
                     out = strategy.model(**inputs, num_items_in_batch=global_tokens)
@@ -263,7 +263,7 @@ class Trainer:
                     loss_sum += float(out.loss.detach()) * float(global_tokens)
                 elif strategy.backward_every_micro_batch:
                     # DeepSpeed's accumulation boundary needs a backward: a finite, zero-weight one.
-                    replay = forward_inputs(zero_weight(self.fallback), self.model.vision, cached, env.device)
+                    replay = self.fallback.zero_weight().forward_inputs(self.model.vision, cached, env.device)
                     with strategy.autocast():
                         strategy.backward(strategy.model(**replay, num_items_in_batch=global_tokens).loss)
         totals = all_reduce_sum(torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64), env)

@@ -26,7 +26,7 @@ class DDPStrategy(Strategy):
         if self.env.distributed:
             device_ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
             # Every trainable parameter takes part in every step (text-only batches run a zero-weight
-            # placeholder image, vlm/image_slots.py), so the cheaper find_unused_parameters=False is safe.
+            # placeholder image, vlm/image_positions.py), so the cheaper find_unused_parameters=False is safe.
             self.model = DistributedDataParallel(self.inner, device_ids=device_ids)
         self.optimizer = make_optimizer(self.inner)
         return self.model
