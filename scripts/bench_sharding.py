@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
                 return original(max_norm)
 
             strategy.step = measuring_step
-        trainer.train_step(*next(batches), StopRequest())
+        trainer.step(*next(batches), StopRequest())
     optimizer_bytes = sum(local_bytes(t) for s in strategy.optimizer.state.values() for t in s.values()
                           if torch.is_tensor(t) and t.ndim > 0)
     engine_optimizer = getattr(strategy, "engine", None) and strategy.engine.optimizer

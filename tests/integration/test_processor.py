@@ -6,9 +6,9 @@ from vlm.config import DataConfig
 from vlm.data.collator import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.formats import read_samples
-from vlm.data.sample import Sample, SampleError
+from vlm.data.sample import DataError, Sample, SampleError
 from vlm.factory import processor_for
-from vlm.loss import IGNORE_INDEX
+from vlm.loss import IGNORE_INDEX, count_supervised
 
 
 @pytest.fixture()
@@ -96,6 +96,36 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_vlm, image_file
     assert [(s["skipped"], s["category"]) for s in batch.skipped] == [("bad", "corrupt_image")]
     with pytest.raises(SampleError, match="sample 'gone'.*missing.png"):
         ConversationDataset(samples, processor_for(tiny_vlm), strict=True)
+
+
+def test_training_and_eval_datasets_put_the_next_readable_sample_in_an_unreadable_ones_place(tiny_vlm, image_file,
+                                                                                          tmp_path):
+    """`replace` (training) and `stand_in` (evaluation): a micro-batch is never empty, so every rank runs the
+    same forwards; the failed sample is still reported (and counted once), and an eval stand-in weighs nothing."""
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    turns = [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}]
+    samples = [Sample("bad-0", turns, [str(corrupt)]), Sample("bad-1", turns, [str(corrupt)]),
+               Sample("good", turns, [image_file])]
+    pad = tiny_vlm.tokenizer.pad_token_id
+    report = ConversationDataset(samples, processor_for(tiny_vlm))
+    assert report[0] == {"skipped": "bad-0", "category": "corrupt_image", "detail": report[0]["detail"]}
+    assert not Collator(pad)([report[0], report[1]]).has_inputs
+
+    train = ConversationDataset(samples, processor_for(tiny_vlm), unreadable="replace")
+    batch = Collator(pad)([train[0], train[1]])
+    assert batch.ids == ["good", "good"]  # the next sample that loads, wrapping round
+    assert [s["skipped"] for s in batch.skipped] == ["bad-0", "bad-1"]  # each reported once, by its own index
+    assert count_supervised(batch.labels) == 2 * count_supervised(Collator(pad)([train[2]]).labels) > 0
+
+    evaluation = ConversationDataset(samples, processor_for(tiny_vlm), unreadable="stand_in")
+    batch = Collator(pad)([evaluation[0], evaluation[2]])
+    assert batch.ids == ["good", "good"] and [s["skipped"] for s in batch.skipped] == ["bad-0"]
+    assert (batch.labels[0] == IGNORE_INDEX).all() and count_supervised(batch.labels[1:]) > 0
+
+    only_bad = ConversationDataset(samples[:2], processor_for(tiny_vlm), unreadable="replace")
+    with pytest.raises(DataError, match="None of the 2 samples could be loaded"):
+        only_bad[0]
 
 
 def test_too_long_sample_is_reported(tiny_vlm, image_file):

@@ -167,3 +167,23 @@ def test_micro_batches_yield_the_position_after_each_step_and_change_nothing_els
     steps = list(islice(micro_batches(loader, Sampler(), Dataset(), start, per_step=2, batch_size=4), 3))
     assert steps == [([2, 3], DataPosition(0, 4)), ([0, 1], DataPosition(1, 2)), ([2, 3], DataPosition(1, 4))]
     assert start == DataPosition(0, 2)
+
+
+def test_accumulated_micro_batches_follow_one_big_batch_with_one_all_reduce_per_step(config_file, tmp_path,
+                                                                                    monkeypatch):
+    """Two micro-batches of 2 per step train like one batch of 4 (the step's token-loss sums are scaled by the
+    step's tokens, vlm/train/step.py), and the step makes one collective of its own, whatever the accumulation."""
+    import vlm.train.step as step
+
+    calls = []
+    original = step.all_reduce_sum
+    monkeypatch.setattr(step, "all_reduce_sum", lambda tensor, env: calls.append(tensor.tolist()) or original(tensor, env))
+    common = ["train.max_steps=5", "train.save_every=0"]
+    accumulated = train(load_config(config_file, [*common, "train.batch_size=2", "train.grad_accum=2",
+                                                  f"output_dir={tmp_path / 'accumulated'}"]))
+    assert len(calls) == 5 and all(len(c) == 3 for c in calls)  # (tokens, loss sum, stop) once per step
+    whole = train(load_config(config_file, [*common, "train.batch_size=4", f"output_dir={tmp_path / 'whole'}"]))
+    got, expected = [h["loss"] for h in accumulated["history"]], [h["loss"] for h in whole["history"]]
+    assert got == pytest.approx(expected, rel=1e-5) and expected[-1] < expected[0]
+    # The logged loss is the mean per supervised token: the reduced sum over the reduced count.
+    assert calls[0][1] / calls[0][0] == pytest.approx(got[0], rel=1e-9)

@@ -1,5 +1,5 @@
-"""vlm/data/collator.py: a batch whose every sample failed to load still yields model inputs when a stand-in
-is given (sharded training and evaluation), weighing nothing; without one (predict, serving) it has none."""
+"""vlm/data/collator.py: failed samples are reported in `Batch.skipped`, alone or beside the sample that replaced
+them; a batch of only reports (predict, serving) has no inputs."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch
 from vlm.data.batch import Batch
 from vlm.data.collator import Collator
 from vlm.data.packing import PackingCollator
-from vlm.loss import IGNORE_INDEX, count_supervised
+from vlm.loss import count_supervised
 
 pytestmark = pytest.mark.unit
 
@@ -20,19 +20,16 @@ def _item(sample_id: str, n: int) -> dict:
     return {"id": sample_id, "input_ids": ids, "labels": ids.clone(), "pixel_values": torch.ones(1, 3, 2, 2)}
 
 
-@pytest.mark.parametrize("collator", [Collator, lambda pad, side, fallback: PackingCollator(pad, 16, None, fallback)])
-def test_an_unreadable_batch_becomes_the_stand_in_at_weight_zero(collator):
-    stand_in = _item("train-7", 5)
-    batch = collator(0, "right", stand_in)(BAD)
-    assert batch.ids == [] and batch.skipped == BAD
-    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5]] and batch.pixel_values.shape == (1, 3, 2, 2)
-    assert (batch.labels == IGNORE_INDEX).all() and count_supervised(batch.labels) == 0
-    assert stand_in["labels"].tolist() == [1, 2, 3, 4, 5]  # the stand-in item itself is untouched
-    # A batch with one readable sample is that sample, whatever the stand-in.
-    mixed = collator(0, "right", stand_in)([BAD[0], _item("eval-1", 3)])
-    assert mixed.ids == ["eval-1"] and count_supervised(mixed.labels) == 2
+@pytest.mark.parametrize("collator", [Collator, lambda pad, side: PackingCollator(pad, 16, None)])
+def test_a_replaced_samples_report_is_in_skipped_beside_its_replacement(collator):
+    """The training / eval datasets put another sample in an unreadable one's place (vlm/data/dataset.py):
+    the batch runs that sample and still reports the failed one."""
+    replacement = {**_item("train-7", 5), "replaced": [BAD[0]]}
+    batch = collator(0, "right")([replacement, _item("train-8", 3)])
+    assert batch.skipped == [BAD[0]] and sorted(batch.ids) == ["train-7", "train-8"]
+    assert count_supervised(batch.labels) == 4 + 2
 
 
-def test_without_a_stand_in_an_unreadable_batch_has_no_inputs():
+def test_a_batch_of_only_reports_has_no_inputs():
     batch = Collator(0, "left")(BAD)
     assert batch == Batch(ids=[], skipped=BAD) and not batch.has_inputs and batch.model_inputs() == {}

@@ -110,11 +110,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     def on_step(trainer: Any) -> None:
         stamps.append(time.perf_counter())
         seen["tokens"] = trainer.tokens_seen
+        model = trainer.strategy.unwrapped()
         if "params" not in seen:  # counted on the training model: LoRA's adapters, not the merged export
-            seen["params"] = trainable_counts(trainer.model)
+            seen["params"] = trainable_counts(model)
         if trainer.state.step == job["budget"]:
-            at_budget.update(evaluate(trainer.model, trainer.processor, job, job["budget_conditions"], out / "budget"))
-            trainer.model.train(True)
+            at_budget.update(evaluate(model, trainer.processor, job, job["budget_conditions"], out / "budget"))
+            model.train(True)
             stamps.append(time.perf_counter())  # the scoring pause is not a step
 
     started = time.perf_counter()

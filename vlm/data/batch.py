@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..image_positions import with_placeholder
-from ..loss import IGNORE_INDEX, count_supervised
+from ..loss import count_supervised
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "image_seen", "pixel_values",
               "image_features", "image_grids")
@@ -63,12 +63,8 @@ class Batch:
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def supervised_tokens(self) -> int:
-        """Tokens the loss reads (vlm/loss.py); 0 for the stand-in of a batch whose samples all failed to load."""
+        """Tokens the loss reads (vlm/loss.py); 0 for a batch of only evaluation stand-ins."""
         return count_supervised(self.labels) if self.labels is not None else 0
-
-    def zero_weight(self) -> "Batch":
-        """The same inputs with no supervised token: the forward and backward run, the gradient is zero."""
-        return dataclasses.replace(self, labels=torch.full_like(self.labels, IGNORE_INDEX))
 
     def replace(self, **changes: Any) -> "Batch":
         return dataclasses.replace(self, **changes)

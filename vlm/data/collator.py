@@ -17,31 +17,23 @@ the samples sit in the batch."""
 class Collator:
     """Items are processor outputs, or `{"skipped": id, "category": ..., "detail": ...}` for bad samples;
     the output is a `Batch` (vlm/data/batch.py, which says every field's shape), images in sample order,
-    each row's `image_seen` offset by the images of the rows before it.
+    each row's `image_seen` offset by the images of the rows before it. A bad sample's report is in
+    `Batch.skipped`, whether it came alone or with the sample that replaced it (`"replaced"`, see
+    `ConversationDataset`); a batch of only reports has no inputs (`has_inputs`).
     `padding_side="left"` for generation, so every prompt ends at the last position.
-
-    fallback: a loaded item that stands in, with no supervised token, for a batch whose every sample
-    failed to load. Sharded training and evaluation give one: every rank must run the same forwards
-    (FSDP and ZeRO-3 gather weights in each), so no rank may skip a batch because its share was
-    unreadable. Without it (one process: predict, serving) such a batch has no inputs (`has_inputs`).
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right",
-                 fallback: dict[str, Any] | None = None) -> None:
+    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
-        self.fallback = fallback
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
         skipped = [item for item in items if "skipped" in item]
         items = [item for item in items if "skipped" not in item]
-        if items:
-            return Batch(skipped=skipped, **self.arrange(items))
-        if self.fallback is None:
+        skipped += [report for item in items for report in item.get("replaced", ())]
+        if not items:
             return Batch(ids=[], skipped=skipped)
-        stand_in = self.arrange([self.fallback])
-        stand_in["labels"] = torch.full_like(stand_in["labels"], IGNORE_INDEX)
-        return Batch(skipped=skipped, **{**stand_in, "ids": []})
+        return Batch(skipped=skipped, **self.arrange(items))
 
     def arrange(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """The loaded items as one padded row each, with their `ids` (packing overrides this)."""

@@ -14,12 +14,15 @@ from ..config import DataConfig, DataFile
 from .mixture import read_files
 from .feature_cache import FeatureCache
 from .images import probe_images
-from .sample import Sample, SampleError
+from ..loss import IGNORE_INDEX
+from .sample import DataError, Sample, SampleError
 
 if TYPE_CHECKING:  # the processor (vlm/processor.py) imports this package's modules
     from ..processor import VLMProcessor
 
 logger = logging.getLogger(__name__)
+
+UNREADABLE = ("report", "replace", "stand_in")
 
 
 class ConversationDataset(Dataset):
@@ -34,13 +37,21 @@ class ConversationDataset(Dataset):
     dropped_image: `remove` (image and tag) or `blank` (a grey image in its place; vlm/data/dropout.py).
     image_corruption: each kept image is corrupted (random test-time corruption) with this probability,
     from the same draws; the pixels change, so it cannot be served from a feature cache.
+    unreadable: what an index whose sample fails to load gives. `report`: the `{"skipped": ...}` item alone
+    (predict, checks). `replace` (training): the next sample that loads, carrying the failed one's report
+    under `"replaced"`, so a batch is never empty and every rank runs the same forwards. `stand_in`
+    (evaluation): the same, with no supervised token, so no sample's loss counts twice.
     """
 
     def __init__(
         self, samples: list[Sample], processor: VLMProcessor, strict: bool = False,
         errors: list[SampleError] = (), for_generation: bool = False, feature_cache: FeatureCache | None = None,
         image_dropout: float = 0.0, seed: int = 0, dropped_image: str = "remove", image_corruption: float = 0.0,
+        unreadable: str = "report",
     ) -> None:
+        if unreadable not in UNREADABLE:
+            raise ValueError(f"unreadable={unreadable!r}: choose one of {UNREADABLE}.")
+        self.unreadable = unreadable
         if not 0.0 <= image_dropout <= 1.0:
             raise ValueError(f"train.image_dropout / --image-drop must be in [0, 1], got {image_dropout}.")
         self.image_corruption = check_image_corruption(image_corruption, feature_cache is not None)
@@ -76,12 +87,12 @@ class ConversationDataset(Dataset):
         cls, files: list[str | DataFile], processor: VLMProcessor, image_root: str | None = None, strict: bool = False,
         for_generation: bool = False, feature_cache: FeatureCache | None = None,
         image_dropout: float = 0.0, seed: int = 0, data: DataConfig | None = None, dropped_image: str = "remove",
-        image_corruption: float = 0.0,
+        image_corruption: float = 0.0, unreadable: str = "report",
     ) -> "ConversationDataset":
         """`files` may carry weights (a weighted mixture); `data` supplies the table prompt templates."""
         samples, errors = read_files(files, image_root, data, seed)
         return cls(samples, processor, strict, errors, for_generation, feature_cache, image_dropout, seed,
-                   dropped_image, image_corruption)
+                   dropped_image, image_corruption, unreadable)
 
     def set_epoch(self, epoch: int) -> None:
         """Image dropout draws depend on the epoch: call before each pass over the data."""
@@ -108,18 +119,43 @@ class ConversationDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.load_or_report(index)
+        if "skipped" not in item or self.unreadable == "report":
+            return item
+        return {**self._next_readable(index), "replaced": [item]}
+
+    def load_or_report(self, index: int) -> dict[str, Any]:
+        """The processed sample at `index`, or the `{"skipped": id, "category", "detail"}` report of why it
+        failed to load (raised instead with `strict`)."""
+        try:
+            return self._load(index)
+        except SampleError as err:
+            if self.strict:
+                raise
+            return {"skipped": err.sample_id, "category": err.category, "detail": err.detail}
+
+    def _next_readable(self, index: int) -> dict[str, Any]:
+        """The first sample after `index` (wrapping round) that loads; the ones passed over are reported when
+        their own index is read."""
+        for offset in range(1, len(self)):
+            try:
+                item = self._load((index + offset) % len(self))
+            except SampleError:
+                continue
+            if self.unreadable == "stand_in":
+                item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+            return item
+        raise DataError(f"None of the {len(self)} samples could be loaded; run `vlm data check` on them.")
+
+    def _load(self, index: int) -> dict[str, Any]:
+        """The processed sample at `index` (dropout and corruption drawn for it); raises SampleError."""
         sample = self.samples[index]
         if self.image_dropout > 0 or self.image_corruption > 0:  # one generator for both, as before for dropout
             generator = dropout_generator(self.seed, self.epoch, index)
         if self.image_dropout > 0:
             sample = drop_images(sample, self.image_dropout, generator, self.processor.image_token, self.dropped_image)
-        try:
-            if self.image_corruption > 0:
-                sample = corrupt_images(sample, self.image_corruption, generator, self.processor.max_image_pixels)
-            if self.feature_cache is None:
-                return self.processor(sample, for_generation=self.for_generation)
-            return self._with_cached_features(sample)
-        except SampleError as err:
-            if self.strict:
-                raise
-            return {"skipped": err.sample_id, "category": err.category, "detail": err.detail}
+        if self.image_corruption > 0:
+            sample = corrupt_images(sample, self.image_corruption, generator, self.processor.max_image_pixels)
+        if self.feature_cache is None:
+            return self.processor(sample, for_generation=self.for_generation)
+        return self._with_cached_features(sample)

@@ -76,9 +76,8 @@ class PackingCollator(Collator):
     """A Collator whose rows hold several samples: input_ids / labels / attention_mask / position_ids
     [rows, longest row]; pixel_values / image_features in row order (the order of `ids`)."""
 
-    def __init__(self, pad_token_id: int, max_length: int, max_images: int | None = None,
-                 fallback: dict[str, Any] | None = None) -> None:
-        super().__init__(pad_token_id, "right", fallback)
+    def __init__(self, pad_token_id: int, max_length: int, max_images: int | None = None) -> None:
+        super().__init__(pad_token_id, "right")
         self.max_length = max_length
         self.max_images = max_images
 

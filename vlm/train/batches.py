@@ -2,7 +2,7 @@
 
 `micro_batches` yields each step's micro-batches together with the `DataPosition` after them; it
 reads the position it starts from and changes nothing else, so the trainer decides when a step's
-data counts as consumed (see `Trainer.train_step`).
+data counts as consumed (see `Trainer.step`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from .state import DataPosition
 
 def make_loader(
     dataset: ConversationDataset, processor_pad: int, batch_size: int, shuffle: bool, config: Config,
-    sampler: Sampler | None = None, packing: bool = False, fallback: dict[str, Any] | None = None,
+    sampler: Sampler | None = None, packing: bool = False,
 ) -> DataLoader:
-    """Batches of `batch_size` samples; with `packing` (training with data.packing) placed into packed rows.
-
-    fallback (`first_readable_item`): what a batch of only unreadable samples becomes, at weight 0, so
-    every batch this loader yields has model inputs and every rank runs the same forwards."""
+    """Batches of `batch_size` samples; with `packing` (training with data.packing) placed into packed rows."""
     generator = torch.Generator().manual_seed(config.train.seed)
-    collate = (PackingCollator(processor_pad, config.data.max_length, config.data.packing_max_images, fallback)
-               if packing else Collator(processor_pad, "right", fallback))
+    collate = (PackingCollator(processor_pad, config.data.max_length, config.data.packing_max_images)
+               if packing else Collator(processor_pad, "right"))
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
         collate_fn=collate, num_workers=config.data.num_workers, generator=generator,
@@ -62,12 +59,10 @@ def micro_batches(
         position = position.next_epoch()
 
 
-def first_readable_item(dataset: ConversationDataset) -> dict[str, Any]:
-    """The first sample that loads: what a batch whose samples all fail to load is replaced by (at weight 0,
-    so every rank still runs the same collectives; see `Collator`). Found before step 1, so a run whose data
-    cannot be loaded at all stops there, in one line."""
+def check_loadable(dataset: ConversationDataset) -> None:
+    """Stop before step 1, in one line, when no training sample loads (the dataset replaces each unreadable
+    sample by the next one that loads, so it needs one)."""
     for index in range(len(dataset)):
-        item = dataset[index]
-        if "skipped" not in item:
-            return item
+        if "skipped" not in dataset.load_or_report(index):
+            return
     raise DataError(f"None of the {len(dataset)} training samples could be loaded; run `vlm data check` on them.")

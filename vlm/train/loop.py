@@ -4,10 +4,9 @@
 optimizer (and resumes), `run()` repeats `train_step()` with `evaluate()` and `save()` on schedule,
 `finish()` writes `final/`, `cleanup()` releases what setup started. `train(config)` is the entry point.
 
-Per optimizer step: read `grad_accum` micro-batches, count the supervised tokens of the whole global
-batch, and make each rank's loss its token-loss sum over that global count, so the gradient (and the
-logged loss) equals a single process's on the same global batch whatever the world size, padding or
-accumulation. A non-finite loss skips the step; SIGTERM / Ctrl-C saves a checkpoint and returns.
+One optimizer step is `vlm/train/step.py`'s `train_step` (read it first). A non-finite loss skips the
+step; SIGTERM / Ctrl-C saves a checkpoint and returns. Launcher settings (`accelerate launch`'s variables)
+are resolved into the config before the Trainer is built, so what it reads is what runs.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -26,7 +24,6 @@ from transformers import set_seed
 
 from ..config import Config, config_to_dict
 from ..data.batch import Batch
-from ..data.collator import Collator
 from ..data.dataset import ConversationDataset
 from ..data.feature_cache import FeatureCache, encoder_fingerprint
 from ..data.formats import read_samples
@@ -36,9 +33,9 @@ from ..data.samplers import ResumableSampler, training_sampler
 from ..hub.publish import LATEST_DIR, TrainingPublisher
 from ..model import VLM
 from ..progress import progress_bar
-from .batches import first_readable_item, make_loader, micro_batches
+from .batches import check_loadable, make_loader, micro_batches
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, teardown
+from .distributed import DistEnv, barrier, init_distributed, teardown
 from .early_stopping import check_early_stopping, eval_progress
 from .eval_generate import check_eval_generate, generation_metrics, tracker_values
 from .evaluation import count_skipped, eval_loss, final_retention
@@ -49,6 +46,7 @@ from .sharding import build_strategy
 from .signals import StopRequest
 from .speed import apply_gradient_checkpointing, maybe_compile
 from .state import DataPosition, TrainState
+from .step import StepResult, train_step
 from .trackers import Trackers
 
 logger = logging.getLogger(__name__)
@@ -61,7 +59,7 @@ GENERATION_SUMMARY = ("vqa_accuracy", "bleu4", "cider_d")  # train.eval_generate
 def train(config: Config, on_step: Optional[Callable[["Trainer"], None]] = None) -> dict[str, Any]:
     """Train as configured; write `output_dir/final/` and return a summary of the run (`on_step`: see `Trainer`)."""
     env = init_distributed()
-    trainer = Trainer(config, env, on_step)
+    trainer = Trainer(apply_launcher_settings(config), env, on_step)
     try:
         trainer.setup()
         return trainer.run()
@@ -70,22 +68,11 @@ def train(config: Config, on_step: Optional[Callable[["Trainer"], None]] = None)
         teardown(env)
 
 
-@dataclass
-class StepResult:
-    """What one optimizer step did: `bad` (skipped), the sample ids it read, this rank's supervised tokens,
-    whether a stop was requested on any rank, and for an applied step its loss and gradient norm."""
-
-    bad: bool
-    ids: list[str]
-    tokens: int
-    stop: bool
-    loss: float = float("nan")
-    grad_norm: float = float("nan")
-
-
 class Trainer:
     """One training run on this process (every rank runs the same calls in the same order). `on_step(trainer)`,
-    if given, is called on every rank after each applied optimizer step (after its periodic evaluation)."""
+    if given, is called on every rank after each applied optimizer step (after its periodic evaluation).
+    `config` is final: launcher settings already applied (`train()` does it). The model is reached through
+    `self.strategy`: `.model` to call (the wrapper), `.unwrapped()` for the VLM itself."""
 
     def __init__(self, config: Config, env: DistEnv, on_step: Optional[Callable[["Trainer"], None]] = None) -> None:
         self.config = config
@@ -106,20 +93,19 @@ class Trainer:
     def setup(self) -> None:
         """Launcher settings, model, data, strategy and optimizer; the checkpoint to resume from; the run
         folder and trackers."""
-        self.config = config = apply_launcher_settings(self.config)
+        config = self.config
         check_early_stopping(config)
         env = self.env
         set_seed(config.train.seed)
         self.strategy = build_strategy(config, env)
         check_eval_generate(config, self.strategy.name)
         model, self.processor = build_model(config)
-        self.model = model
         if config.train.gradient_checkpointing:
             apply_gradient_checkpointing(model, config.train.gradient_checkpointing_components)
         maybe_compile(model, config.train.compile)
         self._setup_data(model)
-        self.module = self.strategy.setup(model, lambda m: build_optimizer(m, config))
-        self.updater = Updater(self.strategy, config, env)
+        self.strategy.setup(model, lambda m: build_optimizer(m, config))
+        self.updater = Updater(self.strategy, config, save=self.save)
         self.state.skipped = dict(self.train_set.problems)
         resume = resolve_resume(config.train.resume_from, self.output_dir)
         if resume is not None:
@@ -142,30 +128,31 @@ class Trainer:
             config.data.train_files, processor, config.data.image_root, config.data.strict,
             feature_cache=cache, image_dropout=config.train.image_dropout, seed=config.train.seed, data=config.data,
             dropped_image=config.train.dropped_image, image_corruption=config.train.image_corruption,
+            unreadable="replace",
         )
         if len(self.train_set) == 0:
             raise DataError(f"No usable training samples in {config.data.train_files} "
                             f"({dict(self.train_set.problems)}); run `vlm data check` on them.")
-        self.pad = model.tokenizer.pad_token_id
-        # What a batch of only unreadable samples becomes (in training and evaluation alike), so no rank
-        # ever skips a forward the others wait for; found before step 1.
-        stand_in = first_readable_item(self.train_set)
-        self.fallback = Collator(self.pad, "right", stand_in)([])
+        check_loadable(self.train_set)
+        pad = model.tokenizer.pad_token_id
         self.sampler = training_sampler(self.train_set, processor, config.train.batch_size, env.world_size,
                                         env.rank, config.train.seed, config.data.group_by_length,
                                         config.data.group_by_modality_length)
-        self.train_loader = make_loader(self.train_set, self.pad, config.train.batch_size, False, config,
-                                        self.sampler, packing=config.data.packing, fallback=stand_in)
+        self.train_loader = make_loader(self.train_set, pad, config.train.batch_size, False, config,
+                                        self.sampler, packing=config.data.packing)
         self.eval_loader = None
         self.eval_problems: dict[str, int] = {}
         if config.data.eval_files:
+            # Every rank runs every eval forward (FSDP2 and ZeRO-3 gather weights in each): an unreadable sample's
+            # place is taken by another at weight 0.
             eval_set = ConversationDataset.from_files(
                 config.data.eval_files, processor, config.data.image_root, feature_cache=cache, data=config.data,
+                unreadable="stand_in",
             )
             self.eval_problems = dict(eval_set.problems)
             eval_sampler = ResumableSampler(eval_set, env.world_size, env.rank, shuffle=False, seed=0)
-            self.eval_loader = make_loader(eval_set, self.pad, config.train.eval_batch_size or config.train.batch_size,
-                                           False, config, eval_sampler, fallback=stand_in)
+            self.eval_loader = make_loader(eval_set, pad, config.train.eval_batch_size or config.train.batch_size,
+                                           False, config, eval_sampler)
 
     def _feature_cache(self, model: VLM) -> FeatureCache:
         """Encode every training / eval image once (each rank a share), before the first step."""
@@ -202,11 +189,11 @@ class Trainer:
         self.started = time.perf_counter()
         self.progress = progress_bar(total=train.max_steps, initial=self.state.step, disable=not self.env.is_main,
                                      desc="train", every=train.log_every, unit="step")
-        self.module.train()
+        self.strategy.model.train()
         stopped = False
         with StopRequest() as stop:
             for micro, position in self.batches() if self.state.step < train.max_steps else ():
-                result = self.train_step(micro, position, stop)
+                result = self.step(micro, position, stop)
                 stopped = result.stop
                 if not result.bad:
                     self._log(result)
@@ -235,49 +222,13 @@ class Trainer:
         return micro_batches(self.train_loader, self.sampler, self.train_set, self.state.position,
                              train.grad_accum, train.batch_size)
 
-    def train_step(self, micro: list[Batch], position: DataPosition, stop: StopRequest) -> StepResult:
-        """One optimizer step over `micro` (this rank's micro-batches), after which the data up to `position`
-        counts as read, whether the update is applied or skipped. Collectives, in the same order on every
-        rank: the global token count, one finiteness check per micro-batch, the loss / stop totals."""
-        strategy, env, cached = self.strategy, self.env, self.config.data.cache_features
-        for batch in micro:
-            for item in batch.skipped:
-                self.state.count_skipped(item["category"])
-                logger.warning("Skipping sample '%s': %s", item["skipped"], item["detail"])
-        local_tokens = sum(b.supervised_tokens() for b in micro)
-        counts = all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64), env)
-        # An integer tensor: FSDP's mixed-precision policy casts floating forward inputs to bf16.
-        global_tokens = torch.tensor(max(int(counts[0]), 1), device=env.device)
-        loss_sum, bad, ids = 0.0, False, []
-        for i, batch in enumerate(micro):
-            ids += batch.ids
-            if batch.ids:  # not the weight-0 stand-in of a batch whose samples were all unreadable
-                self.fallback = batch
-            inputs = batch.forward_inputs(self.model.vision, cached, env.device)
-            with strategy.micro_batch(last=i == len(micro) - 1):
-                with strategy.autocast():
-                    out = strategy.model(**inputs, num_items_in_batch=global_tokens)
-                bad = not self.updater.all_finite(out.loss) or bad
-                if not bad:
-                    strategy.backward(out.loss)
-                    loss_sum += float(out.loss.detach()) * float(global_tokens)
-                elif strategy.backward_every_micro_batch:
-                    # DeepSpeed's accumulation boundary needs a backward: a finite, zero-weight one.
-                    replay = self.fallback.zero_weight().forward_inputs(self.model.vision, cached, env.device)
-                    with strategy.autocast():
-                        strategy.backward(strategy.model(**replay, num_items_in_batch=global_tokens).loss)
-        totals = all_reduce_sum(torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64), env)
-        result = StepResult(bad=bad, ids=ids, tokens=local_tokens, stop=float(totals[1]) > 0)
-        self.tokens_seen += local_tokens
-        self.state.position = position
-        if bad:
-            self.updater.skip(self.state, ids, save=self.save)
-            return result
-        result.grad_norm = self.updater.apply()
-        result.loss = float(totals[0]) / float(global_tokens)
-        self.state.step += 1
-        self.state.history.append({"step": self.state.step, "loss": result.loss, "lr": self.updater.lr,
-                                   "grad_norm": result.grad_norm})
+    def step(self, micro: list[Batch], position: DataPosition, stop: StopRequest) -> StepResult:
+        """`train_step` over `micro`, after which the data up to `position` counts as read, whether the update
+        is applied or skipped."""
+        self.state.position = position  # before a skip's abort saves the state
+        result = train_step(self.strategy, self.updater, self.state, micro, self.env,
+                            self.config.data.cache_features, stop.requested)
+        self.tokens_seen += result.tokens
         return result
 
     def _log(self, result: StepResult) -> None:

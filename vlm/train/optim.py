@@ -18,7 +18,6 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..config import Config
 from ..model import VLM
-from .distributed import DistEnv, all_reduce_sum
 from .sharding import Strategy
 from .state import TrainState
 
@@ -59,9 +58,9 @@ def build_optimizer(model: VLM, config: Config) -> torch.optim.Optimizer:
 class Updater:
     """Apply or skip each step's update; owns the cosine-with-warmup schedule of the strategy's optimizer."""
 
-    def __init__(self, strategy: Strategy, config: Config, env: DistEnv) -> None:
+    def __init__(self, strategy: Strategy, config: Config, save: Callable[[], Path]) -> None:
         self.strategy = strategy
-        self.env = env
+        self.save = save
         self.max_grad_norm = config.train.max_grad_norm
         self.max_bad_steps = config.train.max_bad_steps
         self.scheduler = get_cosine_schedule_with_warmup(
@@ -73,11 +72,6 @@ class Updater:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """Collective: whether `loss` is finite on every rank, so that every rank takes the same branch."""
-        nonfinite = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss.detach()))]), self.env)
-        return float(nonfinite[0]) == 0
-
     def apply(self) -> float:
         """Clip, update, advance the schedule; return the gradient norm before clipping."""
         grad_norm = self.strategy.step(self.max_grad_norm)
@@ -85,15 +79,15 @@ class Updater:
         self.consecutive_bad = 0
         return grad_norm
 
-    def skip(self, state: TrainState, ids: list[str], save: Callable[[], Path]) -> None:
+    def skip(self, state: TrainState, ids: list[str]) -> None:
         """Discard this step's gradients and record it in `state`; after `train.max_bad_steps` in a row,
-        `save()` the last good state and raise `TrainingAborted`."""
+        `save()` (collective) the last good state and raise `TrainingAborted`."""
         self.strategy.skip_step()
         self.consecutive_bad += 1
         state.bad_steps.append({"after_step": state.step, "samples": ids})
         logger.warning("Non-finite loss after step %d (samples %s): step skipped, no update.", state.step, ids)
         if self.consecutive_bad >= self.max_bad_steps:
-            path = save()
+            path = self.save()
             raise TrainingAborted(
                 f"{self.consecutive_bad} consecutive steps had a NaN/inf loss (last samples: {ids}). "
                 f"The last good state is saved in '{path}'. Lower train.lr, check these samples with "

@@ -3,7 +3,7 @@
 `TrainState` is everything besides weights, optimizer and random generators that an exact resume
 needs (and what the summary reports); `DataPosition` is where in the data the next step starts.
 `DataPosition` is an immutable value the step replaces. `TrainState` is a mutable record with three
-writers: `Trainer.train_step` (position, step, history), `Updater.skip` (bad_steps) and
+writers: `train_step` and `Trainer.step` (position, step, history), `Updater.skip` (bad_steps) and
 `Trainer.setup` / `evaluate` (skipped samples, evaluations); a checkpoint saves it as it stands.
 """
 

@@ -21,15 +21,13 @@ OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 class Strategy(ABC):
-    """Owns the wrapped model and the optimizer; the loop calls these in order every step:
-    `micro_batch(last)` around each forward/backward, `backward`, then `step`
-    (or `skip_step` for a bad step)."""
+    """Owns the wrapped model and the optimizer; the step (vlm/train/step.py) calls these in order:
+    `micro_batch(last)` around each forward/backward, `backward`, then `scale_gradients` and `step`
+    (or `skip_step` for a bad step). `model` is what to call (the wrapper), `unwrapped()` the VLM itself."""
 
     name = "base"
     replicated = False
     """True when the unwrapped model holds every parameter whole on rank 0 (it can be saved as it is)."""
-    backward_every_micro_batch = False
-    """True when a skipped micro-batch must still run a (zero-weight) backward, as DeepSpeed's boundary needs."""
 
     def __init__(self, config: Config, env: DistEnv) -> None:
         self.config = config
@@ -56,11 +54,14 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """`loss`: this rank's share of the global mean (its token-loss sum / all ranks' tokens).
+        """`loss`: this micro-batch's token-loss sum (the gradients are scaled at the step's end)."""
+        loss.backward()
 
-        DDP, FSDP and DeepSpeed average gradients over ranks; scaling by the world size turns that
-        average back into the sum, so every strategy reproduces the single-process gradient."""
-        (loss * self.env.world_size).backward()
+    def scale_gradients(self, factor: float) -> None:
+        """Multiply this step's (reduced) gradients by `factor` before `step` clips and applies them."""
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

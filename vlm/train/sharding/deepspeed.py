@@ -25,8 +25,7 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(config, env)
         self.stage = stage
         self.name = f"zero{stage}"
-        # ZeRO-2 keeps whole weights, but as views into its flat buffers: export from a clean copy.
-        self.backward_every_micro_batch = True
+        self.grad_scale = 1.0
 
     def ds_config(self) -> dict[str, Any]:
         """The user's DeepSpeed JSON (if any) with the values our config owns filled in."""
@@ -52,7 +51,8 @@ class DeepSpeedStrategy(Strategy):
             "gradient_accumulation_steps": 1,  # we mark the boundary ourselves (see micro_batch)
             "train_batch_size": train.batch_size * self.env.world_size,
             "gradient_clipping": max(train.max_grad_norm, 0.0),
-            "bf16": {"enabled": self.bf16},
+            # ZeRO finds a non-finite gradient norm and skips that update itself (fp32, and bf16 with this).
+            "bf16": {"enabled": self.bf16, "check_grad_overflow": True},
             "fp16": {"enabled": False},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
@@ -83,17 +83,29 @@ class DeepSpeedStrategy(Strategy):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss * self.env.world_size, scale_wrt_gas=False)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def scale_gradients(self, factor: float) -> None:
+        """ZeRO holds the gradients in its own partitions: the factor is applied in `step`, as a loss scale."""
+        self.grad_scale = factor
 
     def step(self, max_norm: float) -> float:
-        """ZeRO holds gradients in its own partitions and clips them there (`gradient_clipping`)."""
-        self.engine.step()
+        """ZeRO clips in its partitions (`gradient_clipping`) after dividing by its loss scale: a loss scale of
+        1 / factor there is `scale_gradients(factor)`, norm and clipping included. It goes back to 1 before
+        the next backward, which ZeRO multiplies by the same scale."""
+        self.engine.optimizer.override_loss_scale(1.0 / self.grad_scale)
+        try:
+            self.engine.step()
+        finally:
+            self.engine.optimizer.override_loss_scale(1.0)
+            self.grad_scale = 1.0
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
     def skip_step(self) -> None:
-        """ZeRO has no public 'discard these gradients': step with learning rate 0, so the weights stay
-        exactly as they are (the step's gradients are finite zeros from the loop's placeholder pass)."""
+        """ZeRO has no public 'discard these gradients'. Its step finds a non-finite gradient norm and skips
+        the update itself (clearing the gradients); for any other case the step runs at learning rate 0, so
+        the weights stay exactly as they are."""
         saved = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] = 0.0

@@ -1,0 +1,80 @@
+"""One optimizer step, for every strategy: forward and backward per micro-batch, one all-reduce, update or skip.
+
+Each micro-batch's loss is the *sum* of its token losses, so nothing needs the global token count before
+the backward. After the last backward, one all-reduce adds up (supervised tokens, loss sum, stop requests)
+over the ranks, and the gradients are scaled by world size / tokens: DDP, FSDP2 and ZeRO average gradients
+over ranks, the world size turns that average back into the sum, and the token count makes it the mean over
+the whole global batch. So the update (and the logged loss) equals a single process's on the same global
+batch, whatever the world size, padding or accumulation (torchtune's full-finetune recipe does the same).
+A non-finite reduced loss skips the update on every rank alike. Every micro-batch has samples to run:
+the dataset replaces an unreadable sample by the next one that loads (vlm/data/dataset.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..data.batch import Batch
+from .distributed import DistEnv, all_reduce_sum
+from .optim import Updater
+from .sharding.base import Strategy
+from .state import TrainState
+
+logger = logging.getLogger(__name__)
+
+LOSS_SUM = 1
+"""`num_items_in_batch` that makes the model's loss the sum of its token losses (vlm/loss.py)."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: `bad` (skipped: the loss was not finite on some rank), the sample ids it
+    read, this rank's supervised tokens, whether a stop was requested on any rank, and for an applied step
+    its loss (mean per supervised token over all ranks) and gradient norm (before clipping)."""
+
+    bad: bool
+    ids: list[str]
+    tokens: int
+    stop: bool
+    loss: float = float("nan")
+    grad_norm: float = float("nan")
+
+
+def train_step(strategy: Strategy, updater: Updater, state: TrainState, micro: list[Batch], env: DistEnv,
+               cached: bool, stop_requested: bool) -> StepResult:
+    """One optimizer step over `micro` (this rank's micro-batches); records the applied step in `state`
+    (step, history) and a skipped one through `updater.skip`. `cached`: the batches carry the tower's
+    features (data.cache_features) instead of pixels. One collective of ours per step, the same on every
+    rank; the strategy's own (DDP's gradient all-reduce, FSDP's gathers, ZeRO's partitions) come on top."""
+    vision = strategy.unwrapped().vision
+    ids: list[str] = []
+    tokens = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    for i, batch in enumerate(micro):
+        for item in batch.skipped:
+            state.count_skipped(item["category"])
+            logger.warning("Skipping sample '%s': %s", item["skipped"], item["detail"])
+        ids += batch.ids
+        tokens += batch.supervised_tokens()
+        inputs = batch.forward_inputs(vision, cached, env.device)
+        with strategy.micro_batch(last=i == len(micro) - 1):
+            with strategy.autocast():
+                loss = strategy.model(**inputs, num_items_in_batch=LOSS_SUM).loss
+            strategy.backward(loss)
+        loss_sum += loss.detach().double()
+    local = torch.stack([torch.tensor(float(tokens), dtype=torch.float64, device=env.device), loss_sum,
+                         torch.tensor(float(stop_requested), dtype=torch.float64, device=env.device)])
+    global_tokens, global_loss, stops = all_reduce_sum(local, env).tolist()
+    result = StepResult(bad=not torch.isfinite(torch.tensor(global_loss)), ids=ids, tokens=tokens, stop=stops > 0)
+    if result.bad:
+        updater.skip(state, ids)
+        return result
+    strategy.scale_gradients(env.world_size / max(global_tokens, 1.0))
+    result.grad_norm = updater.apply()
+    result.loss = global_loss / max(global_tokens, 1.0)
+    state.step += 1
+    state.history.append({"step": state.step, "loss": result.loss, "lr": updater.lr, "grad_norm": result.grad_norm})
+    return result
