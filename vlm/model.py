@@ -25,7 +25,7 @@ from .fusion import Fusion, LMShape, VisionShape, build_fusion
 from .image_positions import ImagePositions
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
 from .loss import causal_lm_loss, logits_positions
-from .packed import PackingAttention, lm_attention_inputs
+from .packed_attention import PackingAttention, lm_attention_inputs
 from .tiling import check_image_positions, views_per_image
 
 
@@ -137,7 +137,7 @@ class VLM(nn.Module):
         [num_supervised, vocab] and the loss is the same. `full_logits=True` keeps [batch, seq, vocab].
         num_items_in_batch: the global batch's supervised tokens (see `vlm.loss.causal_lm_loss`).
         position_ids [batch, seq]: a packed batch (vlm/data/packing.py), positions restarting at each
-        sample; attention then keeps samples apart (`packing_attention`, see `vlm.packed.lm_attention_inputs`).
+        sample; attention then keeps samples apart (`packing_attention`, see `vlm.packed_attention.lm_attention_inputs`).
         image_seen [batch, seq]: the collator's image of each position (vlm/image_positions.py; needed for
         packed rows); image_placeholder: the one image is a text-only batch's stand-in.
         """

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from .data.checks import check_sample
+from .data.validation import check_sample
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
 from .data.sample import Sample, SampleError
 from .encoders import ImageTransform, saved_image_transform

@@ -177,7 +177,7 @@ def test_cli_push_uses_hf_endpoint_hf_token_branch_and_writes_a_missing_card(hub
 
 def test_training_publisher_pushes_every_save_then_final_with_card(hub, saved, tmp_path, monkeypatch):
     from vlm.config import load_config
-    from vlm.hub.publish import TrainingPublisher
+    from vlm.hub.training_publisher import TrainingPublisher
 
     model, _ = saved
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vlm.config import DataConfig, DataFile, load_config
-from vlm.data.checks import check_sample
+from vlm.data.validation import check_sample
 from vlm.data.formats import read_samples
 from vlm.data.images import load_images
 from vlm.data.mixture import read_files

@@ -50,7 +50,7 @@ def test_the_reason_says_what_is_wrong(tmp_path, sample_id, needle):
         errors[err.sample_id] = str(err)
     for sample in samples:
         try:
-            from vlm.data.checks import check_sample
+            from vlm.data.validation import check_sample
 
             check_sample(sample, "<image>")
             load_images(sample, max_pixels=1_000_000)

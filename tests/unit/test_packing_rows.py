@@ -1,4 +1,4 @@
-"""vlm/data/packing.py and vlm/packed.py: bin-packing, packed rows, sample boundaries; modality grouping."""
+"""vlm/data/packing.py and vlm/packed_attention.py: bin-packing, packed rows, sample boundaries; modality grouping."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from vlm.data.batch import Batch
 from vlm.data.packing import PackingCollator, first_fit_decreasing, padding_share
 from vlm.data.samplers import LengthGroupedSampler
 from vlm.loss import IGNORE_INDEX
-from vlm.packed import block_causal_mask, segment_ids
+from vlm.packed_attention import block_causal_mask, segment_ids
 
 pytestmark = pytest.mark.unit
 

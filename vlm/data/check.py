@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..config import DataConfig, DataFile
 from .formats import read_samples
-from .checks import check_sample
+from .validation import check_sample
 from .images import load_images
 from .sample import IMAGE_TAG, DataError, Sample, SampleError
 

@@ -5,7 +5,7 @@ normalisation are unchanged); the collator places them into as few rows as first
 finds, filled evenly (a batch is padded to its longest row), at most `data.packing_max_images`
 images per row. Samples are never split, so an image's
 tokens never are; each keeps its own labels, and its positions restart at 0, from which the model
-builds attention that keeps samples apart (vlm/packed.py).
+builds attention that keeps samples apart (vlm/packed_attention.py).
 """
 
 from __future__ import annotations

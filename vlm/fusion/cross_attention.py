@@ -29,7 +29,7 @@ from ..image_positions import ImagePositions
 from ..tiling import group_views
 from .base import Fusion, LMShape, VisionShape, register_fusion
 from .decoder_layers import STATE_KWARG, active_state, past_length_of_call, wrap_layers
-from .resampler import PerceiverResampler
+from .perceiver import PerceiverResampler
 
 
 class GatedCrossAttentionBlock(nn.Module):

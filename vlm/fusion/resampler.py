@@ -1,55 +1,65 @@
-"""Perceiver resampler (Flamingo): a fixed number of learned latents read an image's patch tokens."""
+"""Intermediate fusion through a Perceiver resampler (`model.fusion: resampler`).
+
+Like `projector`, the image's tokens are scattered into `<image>` slots of the text; unlike it,
+a fixed number of learned latents (`model.resampler.latents`) read any number of patches first,
+so an image costs the same number of LM positions whatever the tower's grid (as in Flamingo's
+resampler or BLIP-2's Q-Former, here without the text conditioning).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-class ResamplerLayer(nn.Module):
-    """Latents attend to [patches; latents], then a GELU FFN; both residual."""
-
-    def __init__(self, dim: int, heads: int, ffn_mult: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.media_norm = nn.LayerNorm(dim)
-        self.latent_norm = nn.LayerNorm(dim)
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.ffn = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, ffn_mult * dim, bias=False), nn.GELU(),
-            nn.Linear(ffn_mult * dim, dim, bias=False),
-        )
-
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """media [n, patches, dim], latents [n, num_latents, dim] -> latents [n, num_latents, dim]."""
-        n, m, d = latents.shape
-        h = self.heads
-        lat = self.latent_norm(latents)
-        context = torch.cat([self.media_norm(media), lat], dim=1)
-        q = self.q_proj(lat).view(n, m, h, d // h).transpose(1, 2)
-        k, v = self.kv_proj(context).view(n, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, m, d)
-        latents = latents + self.o_proj(attn)
-        return latents + self.ffn(latents)
+from ..config import ConfigError, FusionOptions
+from .base import Fusion, LMShape, VisionShape, register_fusion
+from .perceiver import PerceiverResampler
 
 
-class PerceiverResampler(nn.Module):
-    """[n, patches, dim] -> [n, num_latents, dim], whatever the number of patches."""
+@dataclass
+class ResamplerOptions(FusionOptions):
+    """`model.resampler`: the Perceiver resampler's size."""
 
-    def __init__(self, dim: int, depth: int, num_latents: int, heads: int | None = None) -> None:
-        super().__init__()
-        heads = heads or max(1, dim // 64)
-        if dim % heads:
-            raise ValueError(f"The resampler width {dim} is not divisible by {heads} heads.")
-        self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim ** -0.5)
-        self.layers = nn.ModuleList(ResamplerLayer(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+    depth: int = 2
+    """Resampler layers (>= 1)."""
+    latents: int = 64
+    """Learned latents, i.e. LM positions per image."""
 
-    def forward(self, media: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.to(media.dtype).expand(media.shape[0], -1, -1)
-        for layer in self.layers:
-            latents = layer(media, latents)
-        return self.norm(latents)
+    legacy_keys = {"resampler_depth": "depth", "resampler_latents": "latents"}
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.latents < 1:
+            raise ConfigError(
+                f"model.resampler.depth and model.resampler.latents must be >= 1, got {self.depth} and {self.latents}."
+            )
+
+    @classmethod
+    def from_legacy(cls, flat: dict[str, Any]) -> dict[str, Any]:
+        """Earlier versions shared `resampler_depth` with cross_attention, where 0 meant "none"; here it meant 2."""
+        values = super().from_legacy(flat)
+        if values.get("depth") == 0:
+            values["depth"] = 2
+        return values
+
+
+@register_fusion("resampler", ResamplerOptions)
+class ResamplerFusion(Fusion):
+    """Perceiver resampler -> LayerNorm -> linear to the LM width; `latents` tokens per image."""
+
+    def __init__(self, options: ResamplerOptions, vision: VisionShape, lm: LMShape) -> None:
+        super().__init__(options, vision, lm)
+        self.num_latents = options.latents
+        self.resampler = PerceiverResampler(self.vision_dim, options.depth, self.num_latents)
+        self.norm = nn.LayerNorm(self.vision_dim)
+        self.proj = nn.Linear(self.vision_dim, self.lm_dim)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.num_latents
+
+    def embed_images(self, features: torch.Tensor) -> torch.Tensor:
+        """features [n, patches, vision_dim] -> [n, latents, lm_dim]."""
+        return self.proj(self.norm(self.resampler(features)))

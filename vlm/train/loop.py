@@ -30,7 +30,7 @@ from ..data.formats import read_samples
 from ..data.dropout import blank_image, check_image_corruption
 from ..data.sample import DataError, Sample
 from ..data.samplers import ResumableSampler, training_sampler
-from ..hub.publish import LATEST_DIR, TrainingPublisher
+from ..hub.training_publisher import LATEST_DIR, TrainingPublisher
 from ..model import VLM
 from ..progress import progress_bar
 from .batches import check_loadable, make_loader, micro_batches
