@@ -97,24 +97,25 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .factory import load, processor_for, save
     from .hub.export import ExportError, export_llava_hf
-    from .model import VLM
 
     if args.merge_lora:
         from .train.lora import load_adapter_folder, merge_lora
 
         model = merge_lora(load_adapter_folder(args.model))
+        processor = processor_for(model)
         if args.format is None:
-            model.save_pretrained(args.out)
+            save(model, processor, args.out)
             print(f"Wrote a VLM folder with the LoRA adapters merged into the LM to {args.out}")
             return 0
     elif args.format is None:
         print("Nothing to do: pass --format llava-hf and/or --merge-lora.", file=sys.stderr)
         return 2
     else:
-        model = VLM.from_pretrained(args.model)
+        model, processor = load(args.model)
     try:
-        out = export_llava_hf(model, args.out)
+        out = export_llava_hf(model, processor, args.out)
     except ExportError as err:
         print(f"Cannot export: {err}", file=sys.stderr)
         return 2

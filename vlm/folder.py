@@ -1,4 +1,4 @@
-"""A saved VLM folder's config.json and tokenizer: read by `VLM.from_pretrained` and
+"""A saved VLM folder's config.json, tokenizer and tiling: read by `VLM.from_pretrained` and
 `VLMProcessor.from_pretrained` alike, so either loads on its own from the same files."""
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ def load_saved_tokenizer(directory: Path, config: ModelConfig) -> PreTrainedToke
     return tokenizer
 
 
-def saved_max_tiles(meta: dict[str, Any]) -> int:
-    """`data.tiling.max_tiles` recorded in a saved folder's config.json (0: no tiling)."""
-    return int(meta.get("tiling", {}).get("max_tiles", 0))
+PROCESSOR_CONFIG = "processor_config.json"
+"""The processor's own settings in a saved folder: its tiling (`data.tiling`), written only when tiling is on."""
+
+
+def saved_tiling(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The folder's tiling, `{"max_tiles": n, "tile_size": [h, w]}` or `{}` (none): from processor_config.json,
+    or from config.json in folders saved before the processor wrote its own file."""
+    path = Path(directory) / PROCESSOR_CONFIG
+    if path.is_file():
+        return json.loads(path.read_text()).get("tiling", {})
+    return meta.get("tiling", {})

@@ -20,7 +20,7 @@ from .atomic import atomic_directory
 from .config import ModelConfig, config_to_dict
 from .constants import WEIGHTS_NAME
 from .encoders import VisionEncoder, load_saved_encoder, load_vision_encoder
-from .folder import load_saved_tokenizer, read_saved_config, saved_max_tiles
+from .folder import load_saved_tokenizer, read_saved_config
 from .fusion import Fusion, LMShape, VisionShape, build_fusion
 from .image_positions import ImagePositions
 from .lm import fit_lm_to_tokenizer, load_language_model, prepare_tokenizer
@@ -43,12 +43,10 @@ class VLM(nn.Module):
 
     def __init__(
         self, config: ModelConfig, vision: VisionEncoder, fusion: Fusion, lm: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase, max_tiles: int = 0,
+        tokenizer: PreTrainedTokenizerBase,
     ) -> None:
         super().__init__()
         self.config = config
-        self.max_tiles = max_tiles
-        """`data.tiling.max_tiles` it was trained with: saved in config.json, so its processor tiles the same way."""
         self.vision = vision
         self.fusion = fusion
         self.lm = lm
@@ -59,11 +57,10 @@ class VLM(nn.Module):
         self._logits_at_labels = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     @classmethod
-    def from_config(cls, config: ModelConfig, max_tiles: int | None = None) -> "VLM":
-        """Build from pretrained backbones, or from a saved VLM when `model.init_from` (alias `pretrained`) is set.
-        max_tiles: `data.tiling.max_tiles` (None: a saved VLM's own, else 0)."""
+    def from_config(cls, config: ModelConfig) -> "VLM":
+        """Build from pretrained backbones, or from a saved VLM when `model.init_from` (alias `pretrained`) is set."""
         if config.init_from or config.pretrained:
-            return cls.from_pretrained(config.init_from or config.pretrained, max_tiles)
+            return cls.from_pretrained(config.init_from or config.pretrained)
         if not config.vision or not config.lm:
             raise ValueError("Set model.vision and model.lm (or model.pretrained to continue from a saved VLM).")
         vision = load_vision_encoder(
@@ -72,7 +69,7 @@ class VLM(nn.Module):
         lm, tokenizer = load_language_model(config.lm, config.trust_remote_code)
         fit_lm_to_tokenizer(lm, tokenizer, prepare_tokenizer(tokenizer, config.image_token))
         fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm.config))
-        return cls(config, vision, fusion, lm, tokenizer, max_tiles or 0)
+        return cls(config, vision, fusion, lm, tokenizer)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[num_images, 3, H, W] -> what the fusion reads, by default the tower's features
@@ -202,20 +199,15 @@ class VLM(nn.Module):
         return ImagePositions.of_batch(image_mask, image_seen, packed, views, placeholder)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """A self-contained folder that loads offline; written to a temporary folder, then renamed in."""
+        """The model's files: config.json, the weights, the generation config and the backbones' configs. The
+        processor writes the rest (tokenizer, preprocessing, tiling); `vlm.factory.save` writes both into one
+        folder that loads offline. Written to a temporary folder, then renamed in."""
         if hasattr(self.lm, "peft_config"):
             raise ValueError("The LM carries LoRA adapters; save with vlm.train.lora.save_final (merges or keeps them).")
         with atomic_directory(directory) as tmp:
             self.vision.save_backbone_config(tmp / "vision")
             self.lm.config.save_pretrained(tmp / "lm")
             self.lm.generation_config.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if self.vision.library == "transformers":
-                self.vision.image_processor.save_pretrained(tmp)
-            else:
-                (tmp / "preprocessor_config.json").write_text(
-                    json.dumps({"image_processor_type": "timm", **self.vision.preprocessing_config()}, indent=2)
-                )
             meta = {
                 "architectures": ["VLM"],
                 "model_type": "vlm",
@@ -224,15 +216,12 @@ class VLM(nn.Module):
                 "image_token_id": self.image_token_id,
                 "model": config_to_dict(self.config),
             }
-            if self.max_tiles > 1:  # absent when off, so folders without tiling are unchanged
-                meta["tiling"] = {"max_tiles": self.max_tiles, "tile_size": list(self.vision.image_size)}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
             save_model(self, str(tmp / WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, max_tiles: int | None = None) -> "VLM":
-        """The model of a saved folder (its processor: `VLMProcessor.from_pretrained`, or `vlm.factory.load`);
-        max_tiles: the tiling to train it with from here (None: the folder's own)."""
+    def from_pretrained(cls, directory: str | Path) -> "VLM":
+        """The model of a saved folder (its processor: `VLMProcessor.from_pretrained`, or `vlm.factory.load`)."""
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"'{directory}' is not a saved VLM folder (no {WEIGHTS_NAME}).")
@@ -246,6 +235,6 @@ class VLM(nn.Module):
         lm = AutoModelForCausalLM.from_config(lm_config, trust_remote_code=config.trust_remote_code)
         lm.generation_config = lm.generation_config.from_pretrained(directory)
         fusion = build_fusion(config, VisionShape.of(vision), LMShape.of(lm_config))
-        model = cls(config, vision, fusion, lm, tokenizer, saved_max_tiles(meta) if max_tiles is None else max_tiles)
+        model = cls(config, vision, fusion, lm, tokenizer)
         load_model(model, str(directory / WEIGHTS_NAME))
         return model

@@ -13,6 +13,7 @@ a particular template's role markers look like.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from .data.validation import check_sample
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
 from .data.sample import Sample, SampleError
 from .encoders import ImageTransform, saved_image_transform
-from .folder import load_saved_tokenizer, read_saved_config, saved_max_tiles
+from .folder import PROCESSOR_CONFIG, load_saved_tokenizer, read_saved_config, saved_tiling
 from .loss import IGNORE_INDEX
 from .tiling import Grid, image_layout, image_views, select_grid
 
@@ -43,6 +44,7 @@ class VLMProcessor:
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_tiles: int = 0,
         tile_size: tuple[int, int] | None = None,
+        image_processor_config: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
@@ -58,6 +60,8 @@ class VLMProcessor:
         """`data.tiling.max_tiles` (0: no tiling): each image becomes a thumbnail plus tiles (vlm/tiling.py)."""
         self.tile_size = tile_size
         """(H, W) of one tile: the tower's input size."""
+        self.image_processor_config = image_processor_config
+        """The tower's preprocessing as preprocessor_config.json states it (`VisionEncoder.image_processor_config`)."""
         self.separator_ids: list[int] = []
         """Token ids before each row of tiles: the tokenizer's own "\n"."""
         if self.max_tiles:
@@ -71,16 +75,31 @@ class VLMProcessor:
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_tiles: int | None = None,
     ) -> "VLMProcessor":
         """The processor of a saved VLM folder (tokenizer, image transform, image token, tokens_per_image and
-        tiling from its config.json), reading no weights: what data tools (`vlm data check`, the feature cache)
-        need. max_tiles: tile otherwise than the folder (None: as the folder says)."""
+        tiling), reading no weights: what data tools (`vlm data check`, the feature cache) need.
+        max_tiles: tile otherwise than the folder (None: as the folder says)."""
         directory = Path(directory)
         meta, config = read_saved_config(directory)
         transform = saved_image_transform(directory, meta["vision_library"], config.trust_remote_code)
+        tiling = saved_tiling(directory, meta)
+        image_config = directory / "preprocessor_config.json"
         return cls(
             load_saved_tokenizer(directory, config), transform, config.image_token, meta["tokens_per_image"],
             max_length, truncate_text, max_image_pixels,
-            saved_max_tiles(meta) if max_tiles is None else max_tiles, _tile_size(meta, transform),
+            int(tiling.get("max_tiles", 0)) if max_tiles is None else max_tiles, _tile_size(tiling, transform),
+            json.loads(image_config.read_text()) if image_config.is_file() else None,
         )
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The processor's files in a VLM folder: the tokenizer with its chat template, preprocessor_config.json
+        (the tower's preprocessing, for any tool reading the folder) and, with tiling, processor_config.json.
+        The folder is complete with the model's files (`vlm.factory.save` writes both, atomically)."""
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory)
+        if self.image_processor_config is not None:
+            (directory / "preprocessor_config.json").write_text(json.dumps(self.image_processor_config, indent=2))
+        if self.max_tiles:
+            tiling = {"max_tiles": self.max_tiles, "tile_size": list(self.tile_size)}
+            (directory / PROCESSOR_CONFIG).write_text(json.dumps({"tiling": tiling}, indent=2))
 
     def __call__(self, sample: Sample, for_generation: bool = False, with_pixels: bool = True) -> dict[str, Any]:
         """Returns input_ids [seq], labels [seq], pixel_values [num_images, 3, H, W] or None, id, and
@@ -229,8 +248,8 @@ class VLMProcessor:
 
 
 
-def _tile_size(meta: dict[str, Any], transform: ImageTransform) -> tuple[int, int]:
+def _tile_size(tiling: dict[str, Any], transform: ImageTransform) -> tuple[int, int]:
     """The tower's input size (H, W): recorded with a folder's tiling, else what its transform outputs
     (a folder saved without tiling, tiled from here on by `data.tiling`)."""
-    size = meta.get("tiling", {}).get("tile_size") or transform(Image.new("RGB", (8, 8))).shape[-2:]
+    size = tiling.get("tile_size") or transform(Image.new("RGB", (8, 8))).shape[-2:]
     return int(size[0]), int(size[1])

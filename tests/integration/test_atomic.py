@@ -10,7 +10,7 @@ from PIL import Image
 
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.factory import processor_for
+from vlm.factory import processor_for, save
 from vlm.model import VLM
 
 
@@ -33,7 +33,7 @@ def test_save_killed_mid_write_keeps_the_previous_checkpoint_and_leaves_no_parti
     Image.new("RGB", (64, 64), (200, 40, 40)).save(image)
     runs = tmp_path / "run"
     target = runs / "checkpoint"
-    tiny_vlm.save_pretrained(target)
+    save(tiny_vlm, processor_for(tiny_vlm), target)
     before, expected = _files(target), _logits(tiny_vlm, image)
 
     with torch.no_grad():  # the next save would hold different weights
@@ -47,9 +47,9 @@ def test_save_killed_mid_write_keeps_the_previous_checkpoint_and_leaves_no_parti
 
     monkeypatch.setattr("vlm.model.save_model", dies_half_way)
     with pytest.raises(type(crash)):
-        tiny_vlm.save_pretrained(target)
+        save(tiny_vlm, processor_for(tiny_vlm), target)
     with pytest.raises(type(crash)):
-        tiny_vlm.save_pretrained(runs / "first")  # a first save that dies leaves nothing at all
+        save(tiny_vlm, processor_for(tiny_vlm), runs / "first")  # a first save that dies leaves nothing at all
 
     assert sorted(p.name for p in runs.iterdir()) == ["checkpoint"]  # no temporary or partial folders
     assert _files(target) == before

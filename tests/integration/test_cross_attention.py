@@ -12,7 +12,7 @@ from safetensors.torch import load_model
 from vlm.constants import WEIGHTS_NAME
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.factory import processor_for
+from vlm.factory import processor_for, save
 from vlm.fusion.decoder_layers import PreLayerWrapper
 from vlm.image_positions import ImagePositions
 from vlm.model import VLM
@@ -150,7 +150,7 @@ def test_save_load_round_trip_gives_identical_logits(model_config, tmp_path):
     for p in model.fusion.parameters():
         p.add_(0.01)
     batch = batch_of(model, MIXED)
-    model.save_pretrained(tmp_path / "saved")
+    save(model, processor_for(model), tmp_path / "saved")
     loaded = build(model.config)  # what `from_pretrained` does: build, attach, load the weights
     load_model(loaded, str(tmp_path / "saved" / WEIGHTS_NAME))
     torch.testing.assert_close(forward(loaded, batch).logits, forward(model, batch).logits, atol=0, rtol=0)
@@ -161,7 +161,7 @@ def test_from_pretrained_round_trip(model_config, tmp_path):
     model = build(model_config)
     open_gates(model, 0.5)
     batch = batch_of(model, MIXED)
-    model.save_pretrained(tmp_path / "saved")
+    save(model, processor_for(model), tmp_path / "saved")
     loaded = VLM.from_pretrained(tmp_path / "saved").eval()
     keys = ("input_ids", "attention_mask", "pixel_values")
     torch.testing.assert_close(loaded(**{k: getattr(batch, k) for k in keys}).logits, forward(model, batch).logits,
@@ -174,7 +174,7 @@ def test_a_folder_saved_with_the_old_flat_fusion_keys_still_loads(model_config, 
     model = build(model_config)
     open_gates(model, 0.5)
     batch = batch_of(model, MIXED)
-    model.save_pretrained(tmp_path / "saved")
+    save(model, processor_for(model), tmp_path / "saved")
     path = tmp_path / "saved" / "config.json"
     meta = json.loads(path.read_text())
     for section in ("projector", "resampler", "cross_attention"):

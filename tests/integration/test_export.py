@@ -11,7 +11,7 @@ from vlm.cli import main
 from vlm.config import ModelConfig
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.factory import processor_for
+from vlm.factory import processor_for, save
 from vlm.pipeline import Pipeline
 from vlm.hub.export import export_llava_hf
 from vlm.lm import LEGACY_CHAT_TEMPLATE
@@ -26,7 +26,7 @@ def exported(backbones, tiny_clip, tmp_path_factory):
         for p in model.fusion.parameters():
             p.normal_(0, 0.05)
     root = tmp_path_factory.mktemp("export")
-    model.save_pretrained(root / "ours")
+    save(model, processor_for(model), root / "ours")
     assert main(["export", "--model", str(root / "ours"), "--format", "llava-hf", "--out", str(root / "llava")]) == 0
     return VLM.from_pretrained(root / "ours").eval(), root / "llava"
 
@@ -94,7 +94,7 @@ def test_an_lm_template_that_takes_only_strings_is_kept_with_a_warning(exported,
     own = ours.tokenizer.chat_template
     ours.tokenizer.chat_template = LEGACY_CHAT_TEMPLATE  # stands for an LM's own string-only template
     try:
-        export_llava_hf(ours, tmp_path / "llava")
+        export_llava_hf(ours, processor_for(ours), tmp_path / "llava")
     finally:
         ours.tokenizer.chat_template = own
     assert AutoProcessor.from_pretrained(tmp_path / "llava").chat_template == LEGACY_CHAT_TEMPLATE
@@ -115,7 +115,7 @@ def test_a_folder_saved_with_the_old_string_only_template_takes_parts_once_loade
 
 def test_non_llava_shapes_are_refused_with_the_reason(backbones, tmp_path, capsys):
     model = VLM.from_config(ModelConfig(vision=str(backbones["vit"]), lm=str(backbones["lm"])))
-    model.save_pretrained(tmp_path / "timm")
+    save(model, processor_for(model), tmp_path / "timm")
     assert main(["export", "--model", str(tmp_path / "timm"), "--format", "llava-hf", "--out", str(tmp_path / "x")]) == 2
     assert "needs a transformers vision tower" in capsys.readouterr().err
 
@@ -127,7 +127,7 @@ def test_tiny_siglip_tower_exports_to_llava_with_equal_logits(backbones, tmp_pat
     with torch.no_grad():
         for p in model.fusion.parameters():
             p.normal_(0, 0.05)
-    model.save_pretrained(tmp_path / "ours")
+    save(model, processor_for(model), tmp_path / "ours")
     assert main(["export", "--model", str(tmp_path / "ours"), "--format", "llava-hf", "--out", str(tmp_path / "llava")]) == 0
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
     processor = LlavaProcessor.from_pretrained(tmp_path / "llava")

@@ -13,7 +13,7 @@ from vlm.data.collator import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.dropout import drop_images, dropout_generator
 from vlm.data.sample import Sample
-from vlm.factory import processor_for
+from vlm.factory import processor_for, save
 from vlm.image_positions import ImagePositions
 from vlm.model import VLM
 
@@ -64,7 +64,7 @@ def test_forward_backward_save_load_and_loss_falls(model_config, fusion, tmp_pat
     grads = [p.grad for p in model.fusion.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
-    model.save_pretrained(tmp_path / "saved")
+    save(model, processor_for(model), tmp_path / "saved")
     loaded = VLM.from_pretrained(tmp_path / "saved").eval()
     model.eval()
     with torch.no_grad():

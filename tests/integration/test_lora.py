@@ -73,7 +73,7 @@ def test_merged_model_matches_adapter_and_loads_without_peft(model_config, synth
     with torch.no_grad():
         adapter_logits = model(**data).logits
     save_adapter(model, tmp_path / "adapter")
-    save_final(model, tmp_path / "final", merge=True)
+    save_final(model, processor_for(model), tmp_path / "final", merge=True)
     assert not has_lora(model)
     plain = VLM.from_pretrained(tmp_path / "final").eval()
     assert not hasattr(plain.lm, "peft_config")

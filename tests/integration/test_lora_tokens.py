@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vlm.config import Config, LoraConfig, ModelConfig, TrainConfig
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.factory import processor_for
+from vlm.factory import load, processor_for
 from vlm.lm import new_token_ids
 from vlm.model import VLM
 from vlm.train.freezing import apply_stage
@@ -181,7 +181,7 @@ def test_adapter_and_merged_folders_keep_the_trained_rows(backbones, lm_path, im
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
     assert any("trainable_tokens_delta" in k for k in keys)  # the rows travel in the adapter ...
     assert not any("base_layer" in k and ("embed_tokens" in k or "lm_head" in k) for k in keys)  # not whole matrices
-    save_final(model, tmp_path / "final", merge=True)
+    save_final(model, processor_for(model), tmp_path / "final", merge=True)
     assert not has_lora(model)
     with torch.no_grad():
         merged = VLM.from_pretrained(tmp_path / "final").eval()
@@ -201,8 +201,8 @@ def test_llava_hf_export_carries_the_trained_rows(backbones, tiny_clip, image, t
     train = TrainConfig(stage="finetune", lr=1e-2, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
     apply_stage(model, train)
     train_steps(model, train, end_of_turn_batch(model, image), steps=2)
-    save_final(model, tmp_path / "final", merge=True)
-    export_llava_hf(VLM.from_pretrained(tmp_path / "final"), tmp_path / "llava")
+    save_final(model, processor_for(model), tmp_path / "final", merge=True)
+    export_llava_hf(*load(tmp_path / "final"), tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
     exported = llava.get_input_embeddings().weight.detach()
     trained, _ = vocab_rows(model)

@@ -4,7 +4,7 @@ from PIL import Image
 
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.factory import build_processor, processor_for
+from vlm.factory import build_processor, processor_for, save
 from vlm.model import VLM
 from vlm.pipeline import Pipeline
 from vlm.processor import VLMProcessor
@@ -80,7 +80,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny_vlm, images, tmp_path)
         for p in tiny_vlm.fusion.parameters():  # make the weights differ from any fresh initialisation
             p.add_(0.01)
     batch = mixed_batch(tiny_vlm, images)
-    tiny_vlm.save_pretrained(tmp_path / "saved")
+    save(tiny_vlm, processor_for(tiny_vlm), tmp_path / "saved")
     loaded = VLM.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
         expected = tiny_vlm(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
@@ -119,7 +119,7 @@ def test_processor_alone_matches_the_model_processor(tiny_vlm, model_config, ima
     sample = Sample("s", [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "red"}],
                     images[:1])
     expected = processor_for(tiny_vlm)(sample)
-    tiny_vlm.save_pretrained(tmp_path / "saved")
+    save(tiny_vlm, processor_for(tiny_vlm), tmp_path / "saved")
     (tmp_path / "saved" / "model.safetensors").rename(tmp_path / "weights")  # read no weights
     processors = [build_processor(model_config), build_processor(ModelConfig(pretrained=str(tmp_path / "saved"))),
                   VLMProcessor.from_pretrained(tmp_path / "saved")]

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from vlm.config import Config
 from vlm.data.formats import read_samples
-from vlm.factory import processor_for
+from vlm.factory import processor_for, save
 from vlm.model import VLM
 from vlm.pipeline import Pipeline
 from vlm.serve.api import Limits, parse_chat_request
@@ -47,7 +47,8 @@ def saved(request, backbones, tmp_path_factory) -> Path:
         tokenizer.save_pretrained(lm)
     config = Config()
     config.model.vision, config.model.lm = str(backbones["vit"]), str(lm)
-    VLM.from_config(config.model).save_pretrained(root / "model")
+    model = VLM.from_config(config.model)
+    save(model, processor_for(model), root / "model")
     return root / "model"
 
 

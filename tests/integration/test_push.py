@@ -18,7 +18,7 @@ from vlm.cli import main
 from vlm.config import Config, DataFile, config_to_dict
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.factory import processor_for
+from vlm.factory import processor_for, save
 from vlm.hub.model_card import write_model_card
 from vlm.hub.push import BackgroundPusher, PushError, push_folder
 from vlm.model import VLM
@@ -38,7 +38,7 @@ def saved(backbones, tmp_path_factory):
         for p in model.fusion.parameters():
             p.normal_(0, 0.05)
     folder = tmp_path_factory.mktemp("push") / "final"
-    model.save_pretrained(folder)
+    save(model, processor_for(model), folder)
     write_model_card(folder, config_to_dict(config), {"eval_loss": 0.4321, "vqa": {"accuracy": 0.875}}, repo_id=REPO)
     return model, folder
 
@@ -119,7 +119,7 @@ def test_token_comes_from_hf_token_and_a_refusal_names_repo_not_token(hub, saved
 def test_background_pushes_return_at_once_keep_order_and_snapshot_the_folder(hub, saved, tmp_path):
     model, folder = saved
     work = tmp_path / "checkpoint"
-    model.save_pretrained(work)
+    save(model, processor_for(model), work)
     first_weights = (work / "model.safetensors").read_bytes()
     hub.hold_commits.clear()  # the stand-in sits on every commit until released
     with BackgroundPusher(REPO, revision="training", endpoint=hub.url, token=TOKEN) as pusher:
@@ -127,7 +127,7 @@ def test_background_pushes_return_at_once_keep_order_and_snapshot_the_folder(hub
         assert hub.commit_arrived.wait(60) and not first.done()  # push() returned while its commit is pending
         with torch.no_grad():
             model.fusion.proj[0].bias.add_(1.0)
-        model.save_pretrained(work)  # the trainer overwrites the folder while the first push is in flight
+        save(model, processor_for(model), work)  # the trainer overwrites the folder while the first push is in flight
         second = pusher.push(work, "step 2")
         assert not second.done()
         hub.hold_commits.set()
@@ -154,7 +154,7 @@ def test_background_failure_is_reported_by_wait(hub, saved):
 def test_cli_push_uses_hf_endpoint_hf_token_branch_and_writes_a_missing_card(hub, saved, tmp_path, monkeypatch, capsys):
     model, _ = saved
     folder = tmp_path / "plain"
-    model.save_pretrained(folder)  # no README.md yet
+    save(model, processor_for(model), folder)  # no README.md yet
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     args = ["push", "--model", str(folder), "--repo-id", "acme/cli-vlm", "--private", "--revision", "dev",
@@ -184,10 +184,10 @@ def test_training_publisher_pushes_every_save_then_final_with_card(hub, saved, t
     config = load_config(None, [f"output_dir={tmp_path}", "hub.push=true", f"hub.repo_id={REPO}",
                                 "hub.strategy=every_save", f"hub.endpoint={hub.url}"])
     publisher = TrainingPublisher(config)
-    model.save_pretrained(tmp_path / "hub-latest")
+    save(model, processor_for(model), tmp_path / "hub-latest")
     publisher.on_save(tmp_path / "hub-latest", 5)
     publisher.on_save(tmp_path / "hub-latest", 10)
-    model.save_pretrained(tmp_path / "final")
+    save(model, processor_for(model), tmp_path / "final")
     urls = publisher.on_end(tmp_path / "final", {"eval_loss": 0.25, "history": [1.0, 0.5]})
     assert len(urls) == 3
     assert [c["summary"] for c in hub.commits] == [

@@ -15,7 +15,7 @@ import torch
 from vlm.cli import main
 from vlm.config import Config
 from vlm.eval.retention import CHAT_PROMPTS, base_model, retention
-from vlm.factory import processor_for
+from vlm.factory import processor_for, save
 from vlm.model import VLM
 
 PROMPTS = list(CHAT_PROMPTS[:24])  # the tests' share; `vlm eval --retention` uses all 120
@@ -59,7 +59,7 @@ def test_a_changed_lm_loses_replies_and_scores_them_worse(captioner, trained_run
 
 
 def test_vlm_eval_retention_prints_the_figures(untrained, tmp_path, capsys):
-    untrained.save_pretrained(tmp_path / "model")
+    save(untrained, processor_for(untrained), tmp_path / "model")
     assert main(["eval", "--retention", str(tmp_path / "model"), "--max-new-tokens", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompts"] == 120 and out["identical_replies"] == 1.0  # its own base: the LM was not trained

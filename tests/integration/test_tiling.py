@@ -13,7 +13,7 @@ from vlm.config import DataConfig, TilingConfig
 from vlm.data.check import check_data
 from vlm.data.collator import Collator
 from vlm.data.sample import Sample
-from vlm.factory import load, processor_for
+from vlm.factory import load, processor_for, save
 from vlm.hub.export import ExportError, export_llava_hf
 from vlm.model import VLM
 from vlm.processor import VLMProcessor
@@ -47,10 +47,15 @@ def _samples() -> list[Sample]:
             qa("tall", (30, 170, 50), "green"), qa("small", (240, 215, 20), "yellow")]
 
 
-def _build(model_config, name: str, max_tiles: int = 4) -> VLM:
+def _build(model_config, name: str) -> VLM:
     fusion = "projector" if name == "pixel_shuffle" else name
     torch.manual_seed(0)
-    return VLM.from_config(model_config.with_fusion(fusion, **STRATEGIES[name]), max_tiles)
+    return VLM.from_config(model_config.with_fusion(fusion, **STRATEGIES[name]))
+
+
+def _tiled(model: VLM, data: DataConfig | None = None, max_tiles: int = 4) -> VLMProcessor:
+    """The processor of a run with data.tiling.max_tiles (the tiling is the processor's, saved with it)."""
+    return processor_for(model, data, max_tiles)
 
 
 def _open_gates(model: VLM, name: str) -> None:
@@ -71,7 +76,7 @@ def _forward(model: VLM, batch: dict):
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_fills_exactly_the_positions_laid_out_and_trains(model_config, name):
     model = _build(model_config, name)
-    processor = processor_for(model)
+    processor = _tiled(model)
     plain = VLMProcessor(processor.tokenizer, processor.image_transform, processor.image_token,
                          processor.tokens_per_image)
     tokens, image_id = model.fusion.tokens_per_image, model.image_token_id
@@ -110,7 +115,7 @@ def test_every_strategy_fills_exactly_the_positions_laid_out_and_trains(model_co
 def test_strategies_without_positions_read_every_tile(model_config, name):
     """Changing one tile of the image (not the thumbnail) changes the answer's logits."""
     model = _build(model_config, name).eval()
-    processor = processor_for(model)
+    processor = _tiled(model)
     _open_gates(model, name)
     with torch.no_grad():
         batch = Collator(model.tokenizer.pad_token_id, "left")([processor(_samples()[1], for_generation=True)])
@@ -130,7 +135,7 @@ def test_strategies_without_positions_read_every_tile(model_config, name):
 def test_a_mismatched_count_names_the_sample(model_config):
     model = _build(model_config, "projector").eval()
     batch = Collator(model.tokenizer.pad_token_id, "left")(
-        [processor_for(model)(s, for_generation=True) for s in _samples()[:2]]
+        [_tiled(model)(s, for_generation=True) for s in _samples()[:2]]
     )
     batch.image_grids = torch.tensor([[1, 2], [1, 2]])  # the square image claims fewer tiles than its text has
     with pytest.raises(ValueError, match="sample 'square' has"):
@@ -141,11 +146,12 @@ def test_a_mismatched_count_names_the_sample(model_config):
 
 def test_saved_folder_tiles_the_same_way_and_off_is_unchanged(model_config, tmp_path):
     model = _build(model_config, "projector")
-    model.save_pretrained(tmp_path / "tiled")
-    meta = json.loads((tmp_path / "tiled" / "config.json").read_text())
+    save(model, _tiled(model), tmp_path / "tiled")
+    meta = json.loads((tmp_path / "tiled" / "processor_config.json").read_text())
     assert meta["tiling"] == {"max_tiles": 4, "tile_size": [64, 64]}
+    assert "tiling" not in json.loads((tmp_path / "tiled" / "config.json").read_text())  # the model's file
     sample = _samples()[1]
-    expected = processor_for(model)(sample)
+    expected = _tiled(model)(sample)
     for processor in (VLMProcessor.from_pretrained(tmp_path / "tiled"), load(tmp_path / "tiled")[1]):
         got = processor(sample)
         assert torch.equal(got["input_ids"], expected["input_ids"])
@@ -153,18 +159,27 @@ def test_saved_folder_tiles_the_same_way_and_off_is_unchanged(model_config, tmp_
         assert torch.equal(got["image_grids"], expected["image_grids"])
 
     with pytest.raises(ExportError, match="data.tiling.max_tiles=4"):
-        export_llava_hf(model, tmp_path / "llava")
+        export_llava_hf(model, _tiled(model), tmp_path / "llava")
 
-    off = _build(model_config, "projector", max_tiles=0)
-    off.save_pretrained(tmp_path / "off")
+    save(model, _tiled(model, max_tiles=0), tmp_path / "off")
     assert "tiling" not in json.loads((tmp_path / "off" / "config.json").read_text())
+    assert not (tmp_path / "off" / "processor_config.json").exists()
     # A run may tile from an untiled folder (model.init_from): the tile size then comes from its transform.
     retiled = VLMProcessor.from_pretrained(tmp_path / "off", max_tiles=4)(sample)
     assert torch.equal(retiled["input_ids"], expected["input_ids"])
     assert torch.equal(retiled["pixel_values"], expected["pixel_values"])
     for max_tiles in (0, 1):  # one tile is the thumbnail alone: exactly no tiling
-        item = processor_for(_build(model_config, "projector", max_tiles))(sample)
+        item = _tiled(model, max_tiles=max_tiles)(sample)
         assert set(item) == {"id", "input_ids", "labels", "image_seen", "pixel_values"} and item["pixel_values"].shape[0] == 1
+
+    # A folder saved before the processor wrote processor_config.json kept the tiling in config.json: it still tiles.
+    old = tmp_path / "tiled"
+    meta = json.loads((old / "config.json").read_text())
+    meta["tiling"] = json.loads((old / "processor_config.json").read_text())["tiling"]
+    (old / "config.json").write_text(json.dumps(meta))
+    (old / "processor_config.json").unlink()
+    for processor in (VLMProcessor.from_pretrained(old), load(old)[1]):
+        assert torch.equal(processor(sample)["pixel_values"], expected["pixel_values"])
 
 
 def test_data_check_and_max_length_count_the_tiled_total(model_config, tmp_path):
@@ -173,14 +188,14 @@ def test_data_check_and_max_length_count_the_tiled_total(model_config, tmp_path)
     record = {"id": "big", "image": "big.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "blue"}]}
     (tmp_path / "data.json").write_text(json.dumps([record]))
-    tiled = processor_for(model, DataConfig(max_length=200))
-    plain = processor_for(_build(model_config, "projector", 0), DataConfig(max_length=200))
+    tiled = _tiled(model, DataConfig(max_length=200))
+    plain = _tiled(model, DataConfig(max_length=200), max_tiles=0)
     short = check_data([tmp_path / "data.json"], plain)
     assert not short.failed and short.lengths[0] < 200
     report = check_data([tmp_path / "data.json"], tiled)
     assert report.problems["too_long"] == ["big"]
     assert "over data.max_length=200" in report.details["too_long"]
-    wide_open = check_data([tmp_path / "data.json"], processor_for(model, DataConfig(max_length=4096)))
+    wide_open = check_data([tmp_path / "data.json"], _tiled(model, DataConfig(max_length=4096)))
     assert wide_open.lengths == [short.lengths[0] + tiled.image_tokens(128, 128) - tiled.tokens_per_image]
     assert DataConfig(tiling=TilingConfig(4)).tiling.max_tiles == 4
 
@@ -192,7 +207,7 @@ def test_packed_rows_keep_each_samples_tiles(model_config, name):
     from vlm.data.packing import PackingCollator
 
     model = _build(model_config, name).eval()
-    processor = processor_for(model)
+    processor = _tiled(model)
     _open_gates(model, name)
     with torch.no_grad():
         items = {item["id"]: item for item in (processor(s) for s in _samples())}

@@ -6,6 +6,7 @@ import torch
 from vlm.config import FusionOptions, ModelConfig
 from vlm.fusion import Fusion, LMShape, VisionShape, build_fusion, register_fusion
 from vlm.fusion.projector import pixel_shuffle
+from vlm.factory import processor_for, save
 
 LM = LMShape(hidden_size=48, num_layers=2, num_heads=4, vocab_size=100)
 
@@ -90,7 +91,7 @@ def test_a_new_strategy_is_one_registration(mean_token_fusion, untrained_model_c
     assert model.fusion.shard_units() == [model.fusion] and model.fusion.external_parameters() == []
     assert model.fusion.checkpointable_modules() == [model.fusion.proj]
     assert isinstance(model.fusion.export_layers("llava-hf"), str)
-    model.save_pretrained(tmp_path / "saved")
+    save(model, processor_for(model), tmp_path / "saved")
     assert VLM.from_pretrained(tmp_path / "saved").config == model.config
 
 

@@ -98,6 +98,11 @@ class VisionEncoder(nn.Module, ABC):
     def preprocessing_config(self) -> dict:
         """The image preprocessing settings, as a JSON-able dict (part of the feature-cache key)."""
 
+    def image_processor_config(self) -> dict:
+        """What a saved folder's preprocessor_config.json holds (the processor writes it): the preprocessing,
+        typed so a reader knows whose settings they are."""
+        return {"image_processor_type": self.library, **self.preprocessing_config()}
+
     @abstractmethod
     def save_backbone_config(self, directory: Path) -> None:
         """Write what `load_saved_encoder` needs to rebuild this tower offline (weights saved elsewhere)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,10 @@ class HFVisionEncoder(VisionEncoder):
 
     def preprocessing_config(self) -> dict:
         return self.image_processor.to_dict()
+
+    def image_processor_config(self) -> dict:
+        """transformers' own preprocessor_config.json: AutoImageProcessor reads the folder."""
+        return json.loads(self.image_processor.to_json_string())
 
     def save_backbone_config(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

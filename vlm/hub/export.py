@@ -14,6 +14,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 
 from ..atomic import atomic_directory
 from ..model import VLM
+from ..processor import VLMProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +23,12 @@ class ExportError(ValueError):
     """The model cannot be expressed in the requested format; the message says why."""
 
 
-def export_llava_hf(model: VLM, out: str | Path) -> Path:
+def export_llava_hf(model: VLM, processor: VLMProcessor, out: str | Path) -> Path:
     """Write a `LlavaForConditionalGeneration` folder plus its `LlavaProcessor` to `out` (atomically)."""
     vision, fusion, lm = model.vision, model.fusion, model.lm
-    if model.max_tiles > 1:
+    if processor.max_tiles > 1:
         raise ExportError(
-            f"This model was trained with data.tiling.max_tiles={model.max_tiles}; Llava reads one untiled view and "
+            f"This model was trained with data.tiling.max_tiles={processor.max_tiles}; Llava reads one untiled view and "
             "LlavaNext lays tiles out differently (docs/tiling.md#export), so neither computes what it computes."
         )
     if vision.library != "transformers":
@@ -67,19 +68,19 @@ def export_llava_hf(model: VLM, out: str | Path) -> Path:
         llava.model.language_model.load_state_dict(lm.get_decoder().state_dict())
         llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     llava.generation_config = lm.generation_config
-    processor = LlavaProcessor(
+    llava_processor = LlavaProcessor(
         image_processor=vision.image_processor,
-        tokenizer=model.tokenizer,
+        tokenizer=processor.tokenizer,
         patch_size=vision.model.config.patch_size,
         vision_feature_select_strategy=strategy,
-        chat_template=model.tokenizer.chat_template,
+        chat_template=processor.tokenizer.chat_template,
         image_token=model.config.image_token,
         num_additional_image_tokens=extra_tokens,
     )
-    _warn_if_template_takes_only_strings(processor, model.config.image_token)
+    _warn_if_template_takes_only_strings(llava_processor, model.config.image_token)
     with atomic_directory(out) as tmp:
         llava.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        llava_processor.save_pretrained(tmp)
     return Path(out)
 
 

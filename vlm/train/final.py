@@ -39,6 +39,7 @@ def full_model(strategy: Strategy, env: DistEnv, config: Config, separate: bool)
     return model
 
 
-def write_model_folder(model: VLM, folder: Path, config: Config) -> Path:
+def write_model_folder(model: VLM, processor: VLMProcessor, folder: Path, config: Config) -> Path:
     """What `final/` holds: a VLM folder, LoRA merged, or an adapter folder with export.merge_lora=false."""
-    return save_final(model, folder, merge=config.export.merge_lora, base=config.model.init_from or config.model.pretrained)
+    return save_final(model, processor, folder, merge=config.export.merge_lora,
+                      base=config.model.init_from or config.model.pretrained)

@@ -284,7 +284,7 @@ class Trainer:
         if hub.push and hub.strategy == "every_save":
             model = full_model(self.strategy, self.env, self.config, separate=True)  # collective: fsdp2 / zero3
             if self.env.is_main:
-                folder = write_model_folder(model, self.output_dir / LATEST_DIR, self.config)
+                folder = write_model_folder(model, self.processor, self.output_dir / LATEST_DIR, self.config)
                 self.publisher.on_save(folder, self.state.step)
         return path
 
@@ -314,7 +314,7 @@ class Trainer:
         summary.update(best_eval_step=best.best_step, best_eval_loss=best.best_loss, stopped_early=self.stopped_early)
         model = full_model(strategy, env, config, separate=False)  # collective for sharded strategies
         if env.is_main:
-            write_model_folder(model, self.output_dir / "final", config)
+            write_model_folder(model, self.processor, self.output_dir / "final", config)
             if config.train.eval_retention:
                 summary["retention"] = final_retention(self.output_dir / "final", config.train.eval_max_new_tokens)
             details = {"history": history, "eval_history": state.eval_history, "bad_step_samples": state.bad_steps}

@@ -25,6 +25,8 @@ from torch import nn
 from ..atomic import atomic_directory
 from ..config import LoraConfig, config_to_dict, saved_model_config
 from ..constants import ADAPTER_META
+from ..factory import save
+from ..processor import VLMProcessor
 from ..lm import new_token_ids
 
 logger = logging.getLogger(__name__)
@@ -198,10 +200,10 @@ def load_adapter_folder(directory: str | Path, is_trainable: bool = False) -> nn
     return model
 
 
-def save_final(model: nn.Module, directory: str | Path, merge: bool = True, base: str | None = None) -> Path:
-    """What the loop writes to `final/`: a plain VLM folder, merging LoRA first when `merge`
-    (`export.merge_lora`), or an adapter folder when LoRA is kept separate."""
+def save_final(model: nn.Module, processor: VLMProcessor, directory: str | Path, merge: bool = True,
+               base: str | None = None) -> Path:
+    """What the loop writes to `final/`: a plain VLM folder (model and processor), merging LoRA first when
+    `merge` (`export.merge_lora`), or an adapter folder when LoRA is kept separate."""
     if has_lora(model) and not merge:
         return save_adapter(model, directory, base)
-    merge_lora(model).save_pretrained(directory)
-    return Path(directory)
+    return save(merge_lora(model), processor, directory)
