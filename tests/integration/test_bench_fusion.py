@@ -245,3 +245,31 @@ def test_the_plots_draw_the_spread_over_seeds(tmp_path):
             plot(path, average_seeds(rows(gap)))
             pictures.append(np.asarray(Image.open(path).convert("RGB")))
         assert pictures[0].shape != pictures[1].shape or (pictures[0] != pictures[1]).any(), plot.__name__
+
+
+def test_merge_keeps_benches_with_other_overrides_apart(tmp_path):
+    """--merge averages seeds of one setting; two benches that differ by an override (tiled vs untiled) or an
+    image shape are separate rows, labelled by what differs, never averaged as if they were seeds."""
+    from vlm.bench.fusion import merge_results
+
+    def bench(name: str, overrides: str, seeds: dict[int, float], shape: str = "") -> str:
+        header = (f"Fusion benchmark: config `c.yaml`; evidence-bearing synthetic data (8 training{shape} images, 4 "
+                  f"test questions); batch 4; seeds {', '.join(map(str, seeds))}; conditions: clean, no_image; "
+                  f"overrides: {overrides}.")
+        rows = [{"name": "cross_attention", "kind": "vlm", "strategy": "cross_attention", "regime": "align",
+                 "dropout": 0.0, "seed": seed, "status": "ok", "scores": {"clean": {"all": acc}, "no_image": {"all": 0.0}}}
+                for seed, acc in seeds.items()]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rows.json").write_text(json.dumps({"header": header, "rows": rows}))
+        return str(tmp_path / name)
+
+    sources = [bench("untiled", "a=1", {0: 0.70}, " 128x64 px"), bench("untiled-seed1", "a=1", {1: 0.80}, " 128x64 px"),
+               bench("tiled", "a=1 data.tiling.max_tiles=2", {0: 0.40}, " 128x64 px"), bench("square", "a=1", {0: 0.10})]
+    merge_results(sources, tmp_path / "merged")
+    table = (tmp_path / "merged" / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| cross_attention")}
+    assert set(rows) == {"cross_attention (images=128x64)", "cross_attention (images=128x64 data.tiling.max_tiles=2)",
+                         "cross_attention"}, table
+    assert "75.0" in rows["cross_attention (images=128x64)"]  # two seeds of one setting: averaged
+    assert "40.0" in rows["cross_attention (images=128x64 data.tiling.max_tiles=2)"]
+    assert "10.0" in rows["cross_attention"]

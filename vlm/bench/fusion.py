@@ -23,7 +23,7 @@ from typing import Any
 from ..data.dropout import check_dropped_image
 from ..embedded.synthetic import canvas_size
 from ..progress import progress_bar
-from .fusion_report import write_results
+from .fusion_report import bench_variant, write_results
 
 STRATEGY_OVERRIDES: dict[str, list[str]] = {
     "early": ["model.fusion=early"],
@@ -262,13 +262,14 @@ def error_of(log: str, returncode: int) -> str:
 
 
 def merge_results(sources: list[str | Path], out: str | Path) -> list[dict[str, Any]]:
-    """Rewrite the results of several bench folders (e.g. the same grid run for different seeds) as one."""
+    """Rewrite the results of several bench folders (e.g. the same grid run for different seeds) as one. Rows
+    of benches run with other overrides or image shapes stay apart (`bench_variant`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, headers = [], []
     for source in sources:
         saved = json.loads((Path(source) / "rows.json").read_text())
-        rows += saved["rows"]
+        rows += [{"variant": bench_variant(saved["header"]), **row} for row in saved["rows"]]
         headers.append(f"- `{source}`: {saved['header']}")
     write_results(out, rows, "Merged from:\n\n" + "\n".join(headers))
     (out / "rows.json").write_text(json.dumps({"header": "merged", "rows": rows}, indent=1))

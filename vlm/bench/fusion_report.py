@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -85,15 +86,30 @@ def write_results(out: Path, rows: list[dict[str, Any]], header: str, total_s: f
         plot_params(out / "fusion_params.png", ok)
 
 
+def bench_variant(header: str) -> str:
+    """What sets a bench's rows apart from another's beyond seeds and tested conditions, read from its header
+    (vlm/bench/fusion.py): the image shape when not square and the overrides, as space-separated tokens."""
+    shape = re.search(r"training (\d+x\d+) px images", header)
+    overrides = re.search(r"; overrides: (.*)\.$", header)
+    tokens = [f"images={shape.group(1)}"] if shape else []
+    if overrides and overrides.group(1) != "none":
+        tokens += overrides.group(1).split()
+    return " ".join(tokens)
+
+
 def average_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (name, regime, dropout): numbers as (mean, std over seeds or None, seeds)."""
+    """One entry per (name, regime, dropout, variant): numbers as (mean, std over seeds or None, seeds). A
+    row's `variant` is its bench's setting (overrides, image shape; set by `merge_results`): rows of merged
+    benches that differ in it are kept apart, never averaged as seeds, and labelled by what differs."""
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        grouped[(row["name"], row["regime"], row["dropout"])].append(row)
+        grouped[(row["name"], row["regime"], row["dropout"], row.get("variant", ""))].append(row)
+    shared = set.intersection(*(set(key[3].split()) for key in grouped)) if grouped else set()
     result = []
-    for (name, regime, dropout), members in grouped.items():
+    for (name, regime, dropout, variant), members in grouped.items():
         ok = [m for m in members if m["status"] == "ok"]
         entry: dict[str, Any] = {"name": name, "regime": regime, "dropout": dropout, "kind": members[0]["kind"],
+                                 "variant": " ".join(t for t in variant.split() if t not in shared),
                                  "status": "ok" if ok else "failed", "seeds": len(ok),
                                  "error": next((m.get("error") for m in members if m.get("error")), "")}
         for key in {k for m in ok for k in m} - set(KEYS) - {"error"}:
@@ -129,7 +145,8 @@ def _num(entry: dict[str, Any], key: str, fmt: str = "{:,.0f}") -> str:
 
 def _label(entry: dict[str, Any]) -> list[str]:
     dropout = "all" if entry["kind"] == "text_only" else f"{entry['dropout']:g}"
-    return [entry["name"], entry["regime"], dropout]
+    name = f"{entry['name']} ({entry['variant']})" if entry.get("variant") else entry["name"]
+    return [name, entry["regime"], dropout]
 
 
 def markdown_tables(groups: list[dict[str, Any]]) -> list[str]:
