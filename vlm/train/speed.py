@@ -2,7 +2,10 @@
 checkpointing per component (`train.gradient_checkpointing`, `train.gradient_checkpointing_components`).
 
 Both change how the step runs, never what it computes: state-dict keys, saved folders and losses
-are unchanged. Compilation falls back to eager, with one warning, wherever it cannot work.
+are unchanged. Checkpointing is torch's composable API (hooks, no method replaced). Compilation falls back
+to eager, with one warning, wherever it cannot work: that is why it puts a guard object in place of the
+two compiled methods (`nn.Module.compile` has no such fallback, and the fusion's `embed_images` is not a
+`forward`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ import logging
 import os
 import shutil
 import sys
-import types
 import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed._composable import checkpoint as composable_checkpoint
+from torch.distributed._composable.contract import _get_registry
 
 logger = logging.getLogger(__name__)
 
@@ -109,18 +112,12 @@ def maybe_compile(model: nn.Module, enabled: bool, backend: str | None = None) -
     return model
 
 
-def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """`forward` that keeps only its inputs and recomputes the rest in the backward pass (training only)."""
-    forward = type(self).forward.__get__(self)
-    if self.training and torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
-
-
 def checkpoint_module(module: nn.Module) -> None:
-    """Checkpoint `module`'s forward in place (idempotent; state-dict keys and deep copies unaffected)."""
-    if not isinstance(module.__dict__.get("forward"), types.MethodType):
-        module.forward = types.MethodType(_checkpointed_forward, module)
+    """Recompute `module`'s activations in the backward pass: torch's composable activation checkpointing,
+    which works through forward hooks, so no method is replaced and state-dict keys stay as they are
+    (idempotent). Outside autograd (eval, generation) nothing is saved, so nothing is recomputed."""
+    if "checkpoint" not in (_get_registry(module) or {}):
+        composable_checkpoint(module)
 
 
 def apply_gradient_checkpointing(model: nn.Module, components: bool | Sequence[str]) -> list[str]:
