@@ -273,3 +273,8 @@ def test_merge_keeps_benches_with_other_overrides_apart(tmp_path):
     assert "75.0" in rows["cross_attention (images=128x64)"]  # two seeds of one setting: averaged
     assert "40.0" in rows["cross_attention (images=128x64 data.tiling.max_tiles=2)"]
     assert "10.0" in rows["cross_attention"]
+    # A merged folder merged again keeps its rows apart as before and lists every original source.
+    merge_results([str(tmp_path / "merged"), bench("later", "a=1", {2: 0.90}, " 128x64 px")], tmp_path / "again")
+    again = (tmp_path / "again" / "results.md").read_text()
+    assert all(f"`{source}`" in again for source in [*sources, str(tmp_path / "later")])
+    assert "| cross_attention (images=128x64) | align | 0 | 80.0 ± 10.0" in again, again

@@ -263,14 +263,20 @@ def error_of(log: str, returncode: int) -> str:
 
 def merge_results(sources: list[str | Path], out: str | Path) -> list[dict[str, Any]]:
     """Rewrite the results of several bench folders (e.g. the same grid run for different seeds) as one. Rows
-    of benches run with other overrides or image shapes stay apart (`bench_variant`)."""
+    of benches run with other overrides or image shapes stay apart (`bench_variant`). A source that is itself
+    a merge keeps its rows' variants and lists its own sources."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, headers = [], []
     for source in sources:
         saved = json.loads((Path(source) / "rows.json").read_text())
         rows += [{"variant": bench_variant(saved["header"]), **row} for row in saved["rows"]]
-        headers.append(f"- `{source}`: {saved['header']}")
-    write_results(out, rows, "Merged from:\n\n" + "\n".join(headers))
-    (out / "rows.json").write_text(json.dumps({"header": "merged", "rows": rows}, indent=1))
+        merged = saved["header"].startswith(MERGED)
+        headers += saved["header"][len(MERGED):].split("\n") if merged else [f"- `{source}`: {saved['header']}"]
+    header = MERGED + "\n".join(headers)
+    write_results(out, rows, header)
+    (out / "rows.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     return rows
+
+
+MERGED = "Merged from:\n\n"
