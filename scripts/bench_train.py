@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         lm_dir = Path(args.lm) if args.lm else lm_dir
         torch.manual_seed(0)
         ours = VLM.from_config(ModelConfig(vision=f"hf:{vision_dir}", lm=str(lm_dir)).with_fusion("projector", type="mlp2x_gelu"))
-        export_llava_hf(ours, root / "llava")
+        export_llava_hf(ours, processor_for(ours), root / "llava")
         llava = LlavaForConditionalGeneration.from_pretrained(root / "llava", dtype=torch.float32)
     px = ours.vision.model.config.image_size
     batch = make_batch(ours, batch_size, size["question_words"], size["answer_words"], px)
