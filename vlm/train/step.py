@@ -13,6 +13,7 @@ the dataset replaces an unreadable sample by the next one that loads (vlm/data/d
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,16 +66,16 @@ def train_step(strategy: Strategy, updater: Updater, state: TrainState, micro: l
                 loss = strategy.model(**inputs, num_items_in_batch=LOSS_SUM).loss
             strategy.backward(loss)
         loss_sum += loss.detach().double()
-    local = torch.stack([torch.tensor(float(tokens), dtype=torch.float64, device=env.device), loss_sum,
-                         torch.tensor(float(stop_requested), dtype=torch.float64, device=env.device)])
+    local = torch.stack([loss_sum.new_tensor(float(tokens)), loss_sum, loss_sum.new_tensor(float(stop_requested))])
     global_tokens, global_loss, stops = all_reduce_sum(local, env).tolist()
-    result = StepResult(bad=not torch.isfinite(torch.tensor(global_loss)), ids=ids, tokens=tokens, stop=stops > 0)
+    result = StepResult(bad=not math.isfinite(global_loss), ids=ids, tokens=tokens, stop=stops > 0)
     if result.bad:
         updater.skip(state, ids)
         return result
-    strategy.scale_gradients(env.world_size / max(global_tokens, 1.0))
+    global_tokens = max(global_tokens, 1.0)
+    strategy.scale_gradients(env.world_size / global_tokens)
     result.grad_norm = updater.apply()
-    result.loss = global_loss / max(global_tokens, 1.0)
+    result.loss = global_loss / global_tokens
     state.step += 1
     state.history.append({"step": state.step, "loss": result.loss, "lr": updater.lr, "grad_norm": result.grad_norm})
     return result
