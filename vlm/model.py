@@ -80,6 +80,7 @@ class VLM(nn.Module):
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
         image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None, sample_ids: list[str] | None = None, placeholder: bool = False,
+        repeats: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings [batch, seq, lm_dim] with image positions filled by the fusion, in one scatter.
 
@@ -88,6 +89,7 @@ class VLM(nn.Module):
         image's views [total_views, 3, H, W] and image_grids [num_images, 2] their grids; the views'
         tokens fill the image's positions in order. sample_ids (the batch's `ids`) name a mismatch.
         placeholder: the one image is a text-only training batch's stand-in (vlm/image_positions.py).
+        repeats: the image list is the given images this many times over (see `forward`).
         """
         embeds = self.lm.get_input_embeddings()(input_ids)
         if image_features is not None:
@@ -101,6 +103,8 @@ class VLM(nn.Module):
             return embeds, None
         else:
             features = self.encode_images(pixel_values)
+        if repeats > 1:  # [views, ...] -> [repeats * views, ...]: encoded once, read by `repeats` rows each
+            features = features.repeat(repeats, *[1] * (features.dim() - 1))
         if image_grids is not None:
             check_image_positions(image_mask if image_mask is not None else input_ids == self.image_token_id,
                                   image_grids, self.fusion.tokens_per_image, sample_ids)
@@ -124,7 +128,8 @@ class VLM(nn.Module):
         labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None, full_logits: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None, image_grids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, packing_attention: PackingAttention = "auto",
-        image_seen: torch.Tensor | None = None, image_placeholder: bool = False, **kwargs: Any,
+        image_seen: torch.Tensor | None = None, image_placeholder: bool = False, image_repeats: int = 1,
+        **kwargs: Any,
     ) -> Any:
         """input_ids / attention_mask / labels [batch, seq]; pixel_values [num_images, 3, H, W] (with tiling:
         every image's views, and image_grids [num_images, 2], see `embed`).
@@ -137,10 +142,14 @@ class VLM(nn.Module):
         sample; attention then keeps samples apart (`packing_attention`, see `vlm.packed_attention.lm_attention_inputs`).
         image_seen [batch, seq]: the collator's image of each position (vlm/image_positions.py; needed for
         packed rows); image_placeholder: the one image is a text-only batch's stand-in.
+        image_repeats: the batch's image list is the images given, this many times over (preference pairs:
+        the rejected rows read the chosen rows' images again), so the tower and `Fusion.encode` run once.
         """
         image_mask = input_ids == self.image_token_id
+        if image_repeats > 1 and image_grids is not None:
+            image_grids = image_grids.repeat(image_repeats, 1)
         embeds, features = self.embed(input_ids, pixel_values, image_features, image_mask, image_grids,
-                                      placeholder=image_placeholder)
+                                      placeholder=image_placeholder, repeats=image_repeats)
         images = self._positions(features, image_mask, image_seen, position_ids is not None, image_grids,
                                  image_placeholder)
         if position_ids is not None:

@@ -111,27 +111,21 @@ class VLMProcessor:
         with_pixels=False skips image decoding (the caller supplies cached features).
         With tiling (`max_tiles`), pixel_values holds every image's views [total_views, 3, H, W] and
         image_grids [num_images, 2] each image's (rows, cols) (vlm/tiling.py).
+        A preference pair (`Sample.rejected`) also gets `rejected`: the rejected conversation's input_ids /
+        labels / image_seen, reading the same images (the collator puts it in a row of its own).
         """
         if self.max_tiles and not with_pixels:
             raise ValueError("data.tiling needs each image's size; it cannot run on cached features.")
         self.check(sample, for_generation)
         messages = sample.prompt_messages() if for_generation else sample.messages
-        ids, labels = self.tokenize(messages, add_generation_prompt=for_generation)
         num_images = sum(m["content"].count(self.image_token) for m in messages)
         # With tiling an image's token count depends on its size, so its header is read (and, here, its
         # pixels decoded) before the text is laid out; without, over-long text is refused before decoding.
         images = self.load_images(sample)[:num_images] if self.max_tiles else None
         grids = None if images is None else [self.grid_for(*image.size) for image in images]
-        ids, labels, seen = self._expand_images(ids, labels, grids)
-        if self.max_length is not None and not for_generation and len(ids) > self.max_length:
-            ids, labels = self._fit_length(sample.id, ids, labels)
-            seen = seen[: len(ids)]  # truncation never cuts an image (`_fit_length`)
-        item: dict[str, Any] = {
-            "id": sample.id,
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "image_seen": torch.tensor(seen, dtype=torch.long),
-        }
+        item: dict[str, Any] = {"id": sample.id, **self._text(sample.id, messages, for_generation, grids)}
+        if sample.rejected is not None and not for_generation:  # a preference pair: the same images, once
+            item["rejected"] = self._text(sample.id, sample.rejected_messages(), False, grids)
         if grids is None:
             images = self.load_images(sample)[:num_images] if with_pixels else []
             item["pixel_values"] = torch.stack([self.image_transform(im) for im in images]) if images else None
@@ -140,6 +134,17 @@ class VLMProcessor:
         item["pixel_values"] = torch.cat(views) if views else None
         item["image_grids"] = torch.tensor(grids, dtype=torch.long) if grids else None
         return item
+
+    def _text(self, sample_id: str, messages: list[dict[str, str]], for_generation: bool,
+              grids: list[Grid] | None) -> dict[str, torch.Tensor]:
+        """input_ids / labels / image_seen [seq] of one conversation, its images laid out (`grids` with tiling)."""
+        ids, labels = self.tokenize(messages, add_generation_prompt=for_generation)
+        ids, labels, seen = self._expand_images(ids, labels, grids)
+        if self.max_length is not None and not for_generation and len(ids) > self.max_length:
+            ids, labels = self._fit_length(sample_id, ids, labels)
+            seen = seen[: len(ids)]  # truncation never cuts an image (`_fit_length`)
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+                "image_seen": torch.tensor(seen, dtype=torch.long)}
 
     def decode(self, new_tokens: torch.Tensor) -> list[str]:
         """`VLM.generate`'s new tokens [batch, new] -> each row's answer, special tokens dropped and stripped

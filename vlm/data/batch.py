@@ -41,15 +41,21 @@ class Batch:
     pixel_values: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
     image_grids: torch.Tensor | None = None
+    pairs: bool = False
+    """Preference pairs: rows [chosen..., rejected...] (2 x len(ids)); the images are given once, for the
+    chosen rows, and the rejected rows read them again (`image_repeats=2` in `model_inputs`)."""
 
     @property
     def has_inputs(self) -> bool:
         """False when every sample failed to load and no stand-in was given (nothing to run)."""
         return self.input_ids is not None
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
+    def model_inputs(self) -> dict[str, Any]:
         """The keywords `VLM.forward` takes, the unset ones left out."""
-        return {key: getattr(self, key) for key in MODEL_KEYS if getattr(self, key) is not None}
+        inputs: dict[str, Any] = {key: getattr(self, key) for key in MODEL_KEYS if getattr(self, key) is not None}
+        if self.pairs:
+            inputs["image_repeats"] = 2
+        return inputs
 
     def generation_inputs(self) -> dict[str, Any]:
         """The keywords `VLM.generate` takes (the prompt and its images; the ids name a sample in an error)."""

@@ -21,6 +21,8 @@ class Collator:
     `Batch.skipped`, whether it came alone or with the sample that replaced it (`"replaced"`, see
     `ConversationDataset`); a batch of only reports has no inputs (`has_inputs`).
     `padding_side="left"` for generation, so every prompt ends at the last position.
+    A batch of preference pairs has 2 x pairs rows (`Batch.pairs`); the rejected rows' `image_seen` continue
+    past the chosen rows' images, into the list's second copy (`VLM.forward`'s `image_repeats`).
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
@@ -36,8 +38,16 @@ class Collator:
         return Batch(skipped=skipped, **self.arrange(items))
 
     def arrange(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """The loaded items as one padded row each, with their `ids` (packing overrides this)."""
-        return {"ids": [item["id"] for item in items], **self.pad(items)}
+        """The loaded items as one padded row each, with their `ids` (packing overrides this). Preference pairs
+        (items with `rejected`): the chosen rows, then the rejected rows in the same order, the images once."""
+        ids = [item["id"] for item in items]
+        if any("rejected" in item for item in items):
+            missing = [item["id"] for item in items if "rejected" not in item]
+            if missing:
+                raise ValueError(f"A batch mixes preference pairs and plain samples (e.g. '{missing[0]}'); "
+                                 "train.objective=dpo reads pairs only.")
+            return {"ids": ids, "pairs": True, **self.pad([*items, *(item["rejected"] for item in items)])}
+        return {"ids": ids, **self.pad(items)}
 
     def pad(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Rows (dicts of input_ids / labels / image_seen [n] and, when packed, position_ids [n]) -> padded

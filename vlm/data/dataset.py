@@ -143,7 +143,8 @@ class ConversationDataset(Dataset):
             except SampleError:
                 continue
             if self.unreadable == "stand_in":
-                item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+                for part in (item, item.get("rejected") or {}):  # a preference pair's both sides
+                    part["labels"] = torch.full_like(part["labels"], IGNORE_INDEX)
             return item
         raise DataError(f"None of the {len(self)} samples could be loaded; run `vlm data check` on them.")
 

@@ -6,7 +6,8 @@ Record kinds, recognised by their keys, whatever the container:
   `conversations` (LLaVA, `from: human|gpt|system`), `messages` (TRL / LLaMA-Factory; content a
   string or `{"type": "image"|"text"}` parts), `caption` (captioning table) and `question` +
   `answer`|`answers` (VQA table), the last two turned into a conversation by the
-  `data.caption_prompt` / `data.vqa_prompt` templates.
+  `data.caption_prompt` / `data.vqa_prompt` templates; `prompt` + `chosen` + `rejected` (TRL's preference
+  format, standard or conversational: a preference pair, `Sample.rejected`).
 Images: `image` (one) or `images` (a list), each a path (relative to `data.image_root` or the
 file's folder), a PIL image, bytes, `{"bytes", "path"}`, or a `DatasetImage` cell reference.
 """
@@ -31,7 +32,7 @@ from .sample import DataError, ImageRef, Sample, SampleError
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 DEFAULT_CAPTION_PROMPT = DataConfig.caption_prompt
 DEFAULT_VQA_PROMPT = DataConfig.vqa_prompt
-_CONTENT_KEYS = ("id", "image", "images", "conversations", "messages")
+_CONTENT_KEYS = ("id", "image", "images", "conversations", "messages", "prompt", "chosen", "rejected")
 
 
 def read_samples(
@@ -88,6 +89,10 @@ def record_to_sample(
     meta = {k: v for k, v in record.items() if k not in _CONTENT_KEYS and not isinstance(v, (bytes, DatasetImage))}
     coerced: list[str] = []
     text = lambda value, where: _as_text(value, where, sample_id, coerced)  # noqa: E731
+    if record.get("chosen") is not None or record.get("rejected") is not None:
+        messages, rejected = _preference(record, len(resolved), text, sample_id)
+        return Sample(id=sample_id, messages=messages, images=resolved, meta=meta, source_format="preference",
+                      coerced=coerced, rejected=rejected)
     if record.get("conversations") is not None:
         messages = []
         for i, turn in enumerate(_turns(record["conversations"], "conversations", sample_id)):
@@ -131,7 +136,39 @@ def record_to_sample(
     return Sample(id=sample_id, messages=messages, images=resolved, meta=meta, source_format=kind, coerced=coerced)
 
 
-_TURN_EXAMPLE = {"conversations": '{"from": "human", "value": "..."}', "messages": '{"role": "user", "content": "..."}'}
+def _preference(record: dict[str, Any], num_images: int, text: Callable[[Any, str], str],
+                sample_id: str) -> tuple[list[dict[str, str]], str]:
+    """TRL's preference record -> (prompt messages + the chosen reply, the rejected reply). `prompt`: a string (one
+    user turn; a `<image>` tag added per image it lacks, as for VQA rows) or messages; `chosen` / `rejected`: a
+    string or one assistant message (TRL's conversational form)."""
+    prompt = record.get("prompt")
+    if prompt is None:
+        raise SampleError(sample_id, "malformed", "is a preference pair without 'prompt'; TRL's format is "
+                          '{"prompt": ..., "chosen": ..., "rejected": ...}.')
+    if isinstance(prompt, list):
+        messages = [
+            {"role": m.get("role") or "", "content": _content(m.get("content"), f"prompt message {i}'s 'content'",
+                                                              text, sample_id)}
+            for i, m in enumerate(_turns(prompt, "prompt", sample_id))
+        ]
+    else:
+        messages = [{"role": "user", "content": with_image_tags(text(prompt, "'prompt'"), num_images)}]
+    replies = []
+    for side in ("chosen", "rejected"):
+        value = record.get(side)
+        if isinstance(value, list):
+            turns = _turns(value, side, sample_id)
+            if len(turns) != 1 or turns[0].get("role") != "assistant":
+                raise SampleError(sample_id, "malformed", f"'{side}' must be one assistant message "
+                                  '([{"role": "assistant", "content": "..."}]) or a string.')
+            value = _content(turns[0].get("content"), f"'{side}' content", text, sample_id)
+        replies.append(text(value, f"'{side}'"))
+    return [*messages, {"role": "assistant", "content": replies[0]}], replies[1]
+
+
+_TURN_EXAMPLE = {"conversations": '{"from": "human", "value": "..."}', "messages": '{"role": "user", "content": "..."}',
+                 "prompt": '{"role": "user", "content": "..."}', "chosen": '{"role": "assistant", "content": "..."}',
+                 "rejected": '{"role": "assistant", "content": "..."}'}
 
 
 def _turns(value: Any, key: str, sample_id: str) -> list[dict[str, Any]]:

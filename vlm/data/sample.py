@@ -48,6 +48,12 @@ class Sample:
     """Which reader produced it (`llava`, `messages`), for data reports."""
     coerced: list[str] = field(default_factory=list)
     """Where a number stood in for text and was used as text (e.g. `answer: 2`), so reports can count it."""
+    rejected: str | None = None
+    """A preference pair's rejected reply (its chosen one is the last assistant message); None: not a pair."""
+
+    def rejected_messages(self) -> list[dict[str, str]]:
+        """The conversation with the rejected reply in place of the chosen one (the last assistant message)."""
+        return [*self.messages[:-1], {"role": "assistant", "content": self.rejected or ""}]
 
     def prompt_messages(self) -> list[dict[str, str]]:
         """The conversation up to and including its last user turn: what a model answers at inference."""

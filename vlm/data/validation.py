@@ -36,6 +36,8 @@ def check_sample(sample: Sample, image_token: str, needs_answer: bool = True) ->
         raise SampleError(
             sample.id, "no_answer", "has no assistant turn, so there is nothing to learn; add the answer or drop it.",
         )
+    if sample.rejected is not None:
+        check_pair(sample, image_token)
     tags = sum(m["content"].count(image_token) for m in sample.messages)
     if tags != len(sample.images):
         raise SampleError(
@@ -50,3 +52,17 @@ def check_sample(sample: Sample, image_token: str, needs_answer: bool = True) ->
             raise SampleError(
                 sample.id, "missing_image", f"image file '{image}' does not exist (check data.image_root)."
             )
+
+
+def check_pair(sample: Sample, image_token: str) -> None:
+    """A preference pair needs a prompt, a chosen and a rejected reply that differ (else there is no preference
+    to learn: the DPO loss is constant)."""
+    if sample.messages[-1]["role"] != "assistant":
+        raise SampleError(sample.id, "no_answer", "is a preference pair without a chosen reply.")
+    if not sample.rejected.strip():
+        raise SampleError(sample.id, "empty_turn", "has an empty rejected reply.")
+    if image_token in sample.rejected:
+        raise SampleError(sample.id, "image_in_answer", f"its rejected reply contains {image_token}.")
+    if sample.rejected.strip() == sample.messages[-1]["content"].strip():
+        raise SampleError(sample.id, "identical_pair", "has the same chosen and rejected reply, so there is no "
+                          "preference to learn; fix or drop the pair.")
