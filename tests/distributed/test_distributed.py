@@ -2,7 +2,7 @@
 
 Each sharded run must follow the single-process loss trajectory on the same global batch, resume
 exactly from its step-10 checkpoint, and survive batches where one rank has only text; with packing
-(`data.packing`) too.
+(`data.packing`) too, and with the DPO objective (preference pairs, a frozen reference copy).
 
 Each strategy's jobs run in one torchrun launch of their own (`dist_driver.py`), started by the first test
 that needs it, and each single-process reference trains when first asked for: a broken strategy, job or
@@ -35,6 +35,7 @@ from vlm.model import VLM
 from vlm.train import train
 from vlm.train.checkpoint import list_checkpoints
 from vlm.data.samplers import ResumableSampler
+from vlm.embedded.preference import pairs
 
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
 FUSIONS = {
@@ -71,13 +72,22 @@ def text_only_mix(train_json: Path, out: Path) -> Path:
     return out
 
 
+def preference_pairs(train_json: Path, out: Path) -> Path:
+    """The synthetic colour questions as DPO pairs (vlm/embedded/preference.py), absolute image paths."""
+    records = json.loads(train_json.read_text())
+    records = [{**r, "image": str((train_json.parent / r["image"]).resolve())} for r in records]
+    out.write_text(json.dumps(pairs(records)))
+    return out
+
+
 @dataclass
 class Setting:
-    """The shared base config, the text-only mix and the folder every run writes under."""
+    """The shared base config, the text-only mix, the preference pairs and the folder every run writes under."""
 
     root: Path
     config: Path
     mixed: Path
+    pairs: Path
 
     def overrides(self, name: str, fusion: str, per_rank: int, extra: list[str] = ()) -> list[str]:
         return [*FUSIONS[fusion], f"train.batch_size={per_rank}", f"output_dir={self.root / name}", *extra]
@@ -85,6 +95,9 @@ class Setting:
     def mixed_data(self) -> list[str]:
         # A lower learning rate keeps Adam from amplifying float-order noise in these batch-size-1 runs.
         return [f"data.train_files=[{self.mixed}]", "train.max_steps=12", "train.save_every=0", "train.lr=3.0e-4"]
+
+    def dpo(self) -> list[str]:
+        return [f"data.train_files=[{self.pairs}]", "train.objective=dpo"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +109,8 @@ model: {{vision: {backbones['vit']}, lm: {backbones['lm']}}}
 data: {{train_files: [{synthetic['train']}]}}
 train: {{stage: finetune, max_steps: {STEPS}, lr: 1.0e-3, warmup_steps: 2, report_to: none, save_every: 10}}
 """)
-    return Setting(root, config, text_only_mix(synthetic["train"], root / "mixed.json"))
+    return Setting(root, config, text_only_mix(synthetic["train"], root / "mixed.json"),
+                   preference_pairs(synthetic["train"], root / "pairs.json"))
 
 
 def single_overrides(setting: Setting, name: str) -> list[str]:
@@ -104,6 +118,8 @@ def single_overrides(setting: Setting, name: str) -> list[str]:
     single-lora): the sharded runs' global batch on one process."""
     if name == "single-lora":
         return setting.overrides(name, "projector", 2 * PER_RANK, LORA)
+    if name == "single-dpo":
+        return setting.overrides(name, "projector", 2 * PER_RANK, setting.dpo())
     *_, variant, fusion = ["", *name.split("-")]
     if variant == "mixed":
         return setting.overrides(name, fusion, 2, setting.mixed_data())
@@ -117,6 +133,9 @@ def strategy_jobs(setting: Setting, strategy: str) -> list[dict]:
     jobs.append((f"{strategy}-resumed", "projector", PER_RANK,
                  [*s, f"train.resume_from={setting.root / f'{strategy}-projector' / 'checkpoint-10'}"]))
     jobs.append((f"{strategy}-lora", "projector", PER_RANK, [*s, *LORA]))
+    jobs.append((f"{strategy}-dpo", "projector", PER_RANK, [*s, *setting.dpo()]))
+    jobs.append((f"{strategy}-dpo-resumed", "projector", PER_RANK,
+                 [*s, *setting.dpo(), f"train.resume_from={setting.root / f'{strategy}-dpo' / 'checkpoint-10'}"]))
     if strategy == "zero3":
         jobs.append(("zero3-offload", "projector", PER_RANK,
                      [*s, "train.offload_optimizer=true", "train.offload_params=true"]))
@@ -204,6 +223,16 @@ def test_lora_with_new_token_rows_matches_single_process(single, sharded, strate
 
 def test_zero3_with_cpu_offload_matches_single_process(single, sharded):
     assert_same_trajectory(history(sharded("zero3-offload")), history(single("single-projector")))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dpo_loss_matches_single_process_and_resumes_exactly(single, sharded, strategy):
+    """DPO pairs (a frozen reference copy on every rank): the loss follows one process's on the same global
+    batch, and the run resumed from its step-10 checkpoint continues it exactly."""
+    expected = history(single("single-dpo"))
+    assert expected[0] == pytest.approx(0.6931472, abs=1e-6) and expected[-1] < expected[0] - 0.01
+    assert_same_trajectory(history(sharded(f"{strategy}-dpo")), expected)
+    assert history(sharded(f"{strategy}-dpo-resumed")) == history(sharded(f"{strategy}-dpo"))  # bit-identical
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -59,6 +59,12 @@ This model is LLaVA-shaped, so it can also be exported to transformers' own
 {{ llava_commands }}
 ```
 {% endif %}
+{% if preference %}
+## Preference tuning
+
+This model was preference-tuned with **{{ preference }}** on {{ preference_data }}, starting from
+`{{ preference_start }}` (the reference model).
+{% endif %}
 ## Evaluation
 {% if metrics %}
 Measured on this checkpoint:
@@ -111,6 +117,9 @@ def build_model_card(
         tags.append(f"projector-{projector}")
     if adapter:
         tags.append("lora")
+    preference = _preference(train_config)
+    if preference:
+        tags.append("dpo")
     data = ModelCardData(
         base_model=[name for name in (vision, lm) if name],
         datasets=datasets if datasets is not None else dataset_names(train_config),
@@ -133,8 +142,25 @@ def build_model_card(
         llava_commands=llava_commands(repo_id),
         llava_note=meta.get("vision_library") == "transformers" and projector == "mlp2x_gelu",
         metrics=_metric_rows(metrics),
+        **preference,
         train_config=yaml.safe_dump(train_config, sort_keys=False) if train_config else "",
     )
+
+
+def _preference(train_config: Optional[dict[str, Any]]) -> dict[str, str]:
+    """The card's preference-tuning facts (empty for an SFT run): the loss, beta and the pairs it learnt from."""
+    train = (train_config or {}).get("train") or {}
+    if train.get("objective") != "dpo":
+        return {}
+    dpo = train.get("dpo") or {}
+    loss = {"sigmoid": "DPO", "ipo": "IPO"}.get(dpo.get("loss_type"), str(dpo.get("loss_type")))
+    extra = f", RPO NLL weight {dpo['sft_weight']}" if dpo.get("sft_weight") else ""
+    files = ((train_config or {}).get("data") or {}).get("train_files") or []
+    names = [Path(f["path"] if isinstance(f, dict) else str(f)).name for f in files]
+    model = (train_config or {}).get("model") or {}
+    return {"preference": f"{loss} (beta {dpo.get('beta')}{extra})",
+            "preference_data": ", ".join(f"`{n}`" for n in names) or "(unrecorded pairs)",
+            "preference_start": model.get("init_from") or model.get("pretrained") or "the backbones"}
 
 
 def write_model_card(

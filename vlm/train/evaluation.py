@@ -1,7 +1,7 @@
 """The eval loss of a training run, on every rank, and the unreadable eval samples it met.
 
-Every rank runs every eval forward: a batch whose samples all failed to load arrives from the collator as a
-weight-0 stand-in (vlm/data/collator.py), since FSDP2 and ZeRO-3 gather weights inside each forward and a
+Every rank runs every eval forward: an unreadable sample's place is taken by another with no supervised token
+(vlm/data/dataset.py, `unreadable="stand_in"`), since FSDP2 and ZeRO-3 gather weights inside each forward and a
 rank that skipped one would leave the others waiting.
 """
 
@@ -16,15 +16,17 @@ import torch
 from ..factory import processor_for
 from ..data.batch import Batch
 from .distributed import DistEnv, all_reduce_sum, gather_objects
+from .objective import SFT, Objective
 from .sharding.base import Strategy
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def eval_loss(strategy: Strategy, batches: Iterable[Batch], env: DistEnv, cached: bool) -> tuple[float, dict[str, str]]:
-    """Collective: mean loss per supervised token over all ranks' batches, and this rank's unreadable
-    samples ({id: category})."""
+def eval_loss(strategy: Strategy, batches: Iterable[Batch], env: DistEnv, cached: bool,
+              objective: Objective = SFT()) -> tuple[float, dict[str, str]]:
+    """Collective: the objective's mean loss over all ranks' batches (per supervised token for SFT, per pair
+    for DPO), and this rank's unreadable samples ({id: category})."""
     module = strategy.model
     module.eval()
     total = torch.zeros(2, dtype=torch.float64)
@@ -32,12 +34,10 @@ def eval_loss(strategy: Strategy, batches: Iterable[Batch], env: DistEnv, cached
     vision = strategy.unwrapped().vision
     for batch in batches:
         skipped.update({item["skipped"]: item["category"] for item in batch.skipped})
-        tokens = batch.supervised_tokens()
-        weight = max(tokens, 1)  # a weight-0 stand-in has no supervised token: its loss is 0 either way
         inputs = batch.forward_inputs(vision, cached, env.device)
         with strategy.autocast():
-            out = module(**inputs, num_items_in_batch=torch.tensor(weight, device=env.device))
-        total += torch.tensor([float(out.loss) * weight, tokens], dtype=torch.float64)
+            part = objective(strategy, batch, inputs)  # a stand-in has no supervised token: it adds 0 and counts 0
+        total += torch.tensor([float(part.loss), part.count], dtype=torch.float64)
     module.train()
     total = all_reduce_sum(total, env)
     return float(total[0] / total[1].clamp(min=1)), skipped

@@ -41,7 +41,9 @@ from .eval_generate import check_eval_generate, generation_metrics, tracker_valu
 from .evaluation import count_skipped, eval_loss, final_retention
 from .final import build_model, full_model, write_model_folder
 from .launch_env import apply_launcher_settings
+from .objective import DPO, SFT, Objective
 from .optim import TrainingAborted, Updater, build_optimizer
+from .reference import AdaptersOff, Precomputed, describe, frozen_reference
 from .sharding import build_strategy
 from .signals import StopRequest
 from .speed import apply_gradient_checkpointing, maybe_compile
@@ -100,11 +102,20 @@ class Trainer:
         self.strategy = build_strategy(config, env)
         check_eval_generate(config, self.strategy.name)
         model, self.processor = build_model(config)
+        reference = frozen_reference(config, model, env) if config.train.objective == "dpo" else None
         if config.train.gradient_checkpointing:
             apply_gradient_checkpointing(model, config.train.gradient_checkpointing_components)
         maybe_compile(model, config.train.compile)
         self._setup_data(model)
+        if config.train.objective == "dpo" and config.train.dpo.precompute_reference:
+            reference = Precomputed.score(model, [self.train_set, *self.eval_sets], model.tokenizer.pad_token_id,
+                                          config.train.batch_size, self.strategy, env, config.data.cache_features)
         self.strategy.setup(model, lambda m: build_optimizer(m, config))
+        self.objective: Objective = SFT()
+        if config.train.objective == "dpo":
+            self.objective = DPO(config.train.dpo, reference or AdaptersOff())
+            if env.is_main:
+                logger.info(describe(self.objective.reference))
         self.updater = Updater(self.strategy, config, save=self.save)
         self.state.skipped = dict(self.train_set.problems)
         resume = resolve_resume(config.train.resume_from, self.output_dir)
@@ -141,6 +152,7 @@ class Trainer:
         self.train_loader = make_loader(self.train_set, pad, config.train.batch_size, False, config,
                                         self.sampler, packing=config.data.packing)
         self.eval_loader = None
+        self.eval_sets: list[ConversationDataset] = []
         self.eval_problems: dict[str, int] = {}
         if config.data.eval_files:
             # Every rank runs every eval forward (FSDP2 and ZeRO-3 gather weights in each): an unreadable sample's
@@ -150,6 +162,7 @@ class Trainer:
                 unreadable="stand_in",
             )
             self.eval_problems = dict(eval_set.problems)
+            self.eval_sets = [eval_set]
             eval_sampler = ResumableSampler(eval_set, env.world_size, env.rank, shuffle=False, seed=0)
             self.eval_loader = make_loader(eval_set, pad, config.train.eval_batch_size or config.train.batch_size,
                                            False, config, eval_sampler)
@@ -227,7 +240,7 @@ class Trainer:
         is applied or skipped."""
         self.state.position = position  # before a skip's abort saves the state
         result = train_step(self.strategy, self.updater, self.state, micro, self.env,
-                            self.config.data.cache_features, stop.requested)
+                            self.config.data.cache_features, stop.requested, self.objective)
         self.tokens_seen += result.tokens
         return result
 
@@ -238,7 +251,8 @@ class Trainer:
         self.progress.update(1)  # after the fields: outside a terminal, update prints the line
         if step % self.config.train.log_every == 0 or step == 1:
             self.trackers.log({"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
-                               "train/tokens_per_s": rate}, step)
+                               "train/tokens_per_s": rate, **{f"train/{k}": v for k, v in result.metrics.items()}},
+                              step)
 
     def _periodic_eval(self) -> bool:
         """Evaluate, log and record the eval loss; True when early stopping says to stop here."""
@@ -271,7 +285,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss per supervised token over the whole eval set (all ranks); the unreadable eval samples
         are counted in `self.eval_skipped` and logged."""
-        loss, skipped = eval_loss(self.strategy, self.eval_loader, self.env, self.config.data.cache_features)
+        loss, skipped = eval_loss(self.strategy, self.eval_loader, self.env, self.config.data.cache_features,
+                                  self.objective)
         self.eval_skipped = count_skipped(skipped, self.eval_problems, self.env, self.state.step)
         return loss
 
