@@ -23,15 +23,21 @@ def verbose(colour: str) -> str:
     return VERBOSE.format(colour=colour)
 
 
-def _colour_turns(record: dict[str, Any]) -> list[tuple[int, str, str]]:
-    """(index of the question turn, question, answer) of each colour question in a synthetic conversation."""
+def _is_colour(question: str) -> bool:
+    q = question.lower()
+    return ("colour" in q or "color" in q) and "how many" not in q  # "How many blue objects" counts
+
+
+def _colour_turns(record: dict[str, Any], colour: bool = True) -> list[tuple[int, str, str]]:
+    """(index of the question turn, question, answer) of each colour question in a synthetic conversation
+    (`colour=False`: each other one-word question instead)."""
     turns = record["conversations"]
     out = []
     for i in range(0, len(turns) - 1, 2):
         question = turns[i]["value"].replace("<image>\n", "")
-        if "colour" in question.lower() or "color" in question.lower():
-            if "how many" not in question.lower():  # "How many blue objects" is a count question
-                out.append((i, question, turns[i + 1]["value"]))
+        answer = turns[i + 1]["value"]
+        if _is_colour(question) == colour and (colour or len(answer.split()) == 1):
+            out.append((i, question, answer))
     return out
 
 
@@ -46,26 +52,30 @@ def verbose_sft(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def pairs(records: list[dict[str, Any]], swapped: bool = False) -> list[dict[str, Any]]:
+def pairs(records: list[dict[str, Any]], swapped: bool = False, others: bool = False) -> list[dict[str, Any]]:
     """One preference pair (TRL's standard format) per conversation with a colour question: chosen the one-word
-    answer, rejected the verbose one (`swapped`: the other way round)."""
+    answer, rejected the verbose one (`swapped`: the other way round). `others`: one more pair per conversation
+    on another question type, its one-word answer against the same verbose template (what the model already
+    does there: pairs that show DPO what to keep)."""
     out = []
     for record in records:
-        found = _colour_turns(record)
-        if not found:
-            continue
-        _, question, answer = found[0]
-        short, long = answer, verbose(answer)
-        chosen, rejected = (long, short) if swapped else (short, long)
-        out.append({"id": f"{record['id']}-pref", "image": record["image"], "prompt": f"<image>\n{question}",
-                    "chosen": chosen, "rejected": rejected})
+        found = [(turn, "pref") for turn in _colour_turns(record)[:1]]
+        if others:
+            found += [(turn, "keep") for turn in _colour_turns(record, colour=False)[:1]]
+        for (_, question, answer), tag in found:
+            short, long = answer, verbose(answer)
+            chosen, rejected = (long, short) if swapped else (short, long)
+            out.append({"id": f"{record['id']}-{tag}", "image": record["image"], "prompt": f"<image>\n{question}",
+                        "chosen": chosen, "rejected": rejected})
     return out
 
 
 def write_preference_data(data: Path, out: Path, num_pairs: int = 1000, seed: int = 0) -> dict[str, Path]:
     """From the synthetic data folder `data` (train.json, eval.json, images/), write into `out`:
     sft_verbose.json (the first half of train.json, colour answers verbose), pairs_train.json and
-    pairs_swapped.json (`num_pairs` pairs from the other half: no image is in both), pairs_eval.json (eval.json).
+    pairs_swapped.json (`num_pairs` pairs from the other half: no image is in both), pairs_mixed.json and
+    pairs_mixed_swapped.json (the same conversations, with a pair on another question type each: `others`),
+    pairs_eval.json (eval.json).
     Image paths point into `data`."""
     out.mkdir(parents=True, exist_ok=True)
     train = json.loads((data / "train.json").read_text())
@@ -80,6 +90,8 @@ def write_preference_data(data: Path, out: Path, num_pairs: int = 1000, seed: in
         "sft": (out / "sft_verbose.json", verbose_sft(train[:half])),
         "pairs": (out / "pairs_train.json", pairs(pool)[:num_pairs]),
         "swapped": (out / "pairs_swapped.json", pairs(pool, swapped=True)[:num_pairs]),
+        "mixed": (out / "pairs_mixed.json", pairs(pool, others=True)[:2 * num_pairs]),
+        "mixed_swapped": (out / "pairs_mixed_swapped.json", pairs(pool, swapped=True, others=True)[:2 * num_pairs]),
         "eval": (out / "pairs_eval.json", pairs(evaluation)),
         "sft_eval": (out / "sft_verbose_eval.json", verbose_sft(evaluation)),
     }
