@@ -118,8 +118,8 @@ def single_overrides(setting: Setting, name: str) -> list[str]:
     single-lora): the sharded runs' global batch on one process."""
     if name == "single-lora":
         return setting.overrides(name, "projector", 2 * PER_RANK, LORA)
-    if name == "single-dpo":
-        return setting.overrides(name, "projector", 2 * PER_RANK, setting.dpo())
+    if name.startswith("single-dpo-"):
+        return setting.overrides(name, name.removeprefix("single-dpo-"), 2 * PER_RANK, setting.dpo())
     *_, variant, fusion = ["", *name.split("-")]
     if variant == "mixed":
         return setting.overrides(name, fusion, 2, setting.mixed_data())
@@ -133,9 +133,10 @@ def strategy_jobs(setting: Setting, strategy: str) -> list[dict]:
     jobs.append((f"{strategy}-resumed", "projector", PER_RANK,
                  [*s, f"train.resume_from={setting.root / f'{strategy}-projector' / 'checkpoint-10'}"]))
     jobs.append((f"{strategy}-lora", "projector", PER_RANK, [*s, *LORA]))
-    jobs.append((f"{strategy}-dpo", "projector", PER_RANK, [*s, *setting.dpo()]))
-    jobs.append((f"{strategy}-dpo-resumed", "projector", PER_RANK,
-                 [*s, *setting.dpo(), f"train.resume_from={setting.root / f'{strategy}-dpo' / 'checkpoint-10'}"]))
+    for fusion in FUSIONS:
+        jobs.append((f"{strategy}-dpo-{fusion}", fusion, PER_RANK, [*s, *setting.dpo()]))
+    jobs.append((f"{strategy}-dpo-resumed", "projector", PER_RANK, [
+        *s, *setting.dpo(), f"train.resume_from={setting.root / f'{strategy}-dpo-projector' / 'checkpoint-10'}"]))
     if strategy == "zero3":
         jobs.append(("zero3-offload", "projector", PER_RANK,
                      [*s, "train.offload_optimizer=true", "train.offload_params=true"]))
@@ -225,14 +226,19 @@ def test_zero3_with_cpu_offload_matches_single_process(single, sharded):
     assert_same_trajectory(history(sharded("zero3-offload")), history(single("single-projector")))
 
 
+@pytest.mark.parametrize("fusion", list(FUSIONS))
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_dpo_loss_matches_single_process_and_resumes_exactly(single, sharded, strategy):
-    """DPO pairs (a frozen reference copy on every rank): the loss follows one process's on the same global
-    batch, and the run resumed from its step-10 checkpoint continues it exactly."""
-    expected = history(single("single-dpo"))
+def test_dpo_loss_matches_single_process(single, sharded, strategy, fusion):
+    """DPO pairs (a frozen reference copy on every rank): the loss follows one process's on the same global batch."""
+    expected = history(single(f"single-dpo-{fusion}"))
     assert expected[0] == pytest.approx(0.6931472, abs=1e-6) and expected[-1] < expected[0] - 0.01
-    assert_same_trajectory(history(sharded(f"{strategy}-dpo")), expected)
-    assert history(sharded(f"{strategy}-dpo-resumed")) == history(sharded(f"{strategy}-dpo"))  # bit-identical
+    assert_same_trajectory(history(sharded(f"{strategy}-dpo-{fusion}")), expected)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dpo_resume_from_step_10_continues_exactly(sharded, strategy):
+    uninterrupted = history(sharded(f"{strategy}-dpo-projector"))
+    assert history(sharded(f"{strategy}-dpo-resumed")) == uninterrupted  # steps 11-20 recomputed: bit-identical
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
