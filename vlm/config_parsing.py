@@ -70,6 +70,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             inner = [a for a in inner if dataclasses.is_dataclass(a)] or inner
         return _coerce(inner[0], value, key)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / off / yes / on as a boolean
+            words = [a for a in args if isinstance(a, str) and yaml.safe_load(a) is value]
+            if len(words) == 1:
+                return words[0]
         if value not in args:
             raise ConfigError(f"Config key '{key}' must be one of {list(args)}, got {value!r}.")
         return value

@@ -288,3 +288,12 @@ def test_early_stopping_without_eval_files_is_refused_before_training():
     check_early_stopping(load_config(None, ["train.eval_every=5", "train.early_stopping_patience=2",
                                             "data.eval_files=[eval.json]"]))
     check_early_stopping(load_config(None))  # off: no eval set needed
+
+
+def test_an_unquoted_no_is_the_word_a_choice_key_offers(tmp_path):
+    """YAML reads `mixed_precision: no` (the documented value) as false; it is the choice `no`, in a file or an override."""
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "c.yaml").train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(None, ["train.mixed_precision=yes"])  # no choice means yes: still an error naming the key

@@ -24,3 +24,4 @@ def test_dpo_keys_load_with_their_defaults():
 def test_refused_combinations_name_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
