@@ -105,3 +105,18 @@ def test_dpo_moves_the_preference_and_swapped_pairs_move_it_back(backbones, synt
     after, swapped = _margin(tmp_path / "dpo" / "final", forward[1]), _margin(tmp_path / "swapped" / "final", forward[1])
     assert after > before + 1.0, (before, after)
     assert swapped < before - 1.0, (before, swapped)
+
+
+def test_an_unreadable_eval_pair_is_counted_and_weighs_nothing(backbones, synthetic, tmp_path):
+    """An eval pair whose image cannot be decoded is replaced by a stand-in with no scored token on either side:
+    the run finishes, the pair is counted by category, and the eval loss is the readable pairs' own."""
+    train, evaluation = _pair_files(synthetic, tmp_path)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG broken")
+    pairs_ = json.loads(evaluation.read_text())
+    bad = [*pairs_, {**pairs_[0], "id": "broken", "image": str(tmp_path / "corrupt.png")}]
+    (tmp_path / "bad-eval.json").write_text(json.dumps(bad))
+    clean = _dpo(backbones, (train, evaluation), tmp_path / "clean", [*FUSIONS["projector"], "train.max_steps=2"])
+    with_bad = _dpo(backbones, (train, tmp_path / "bad-eval.json"), tmp_path / "bad",
+                    [*FUSIONS["projector"], "train.max_steps=2"])
+    assert with_bad["eval_skipped_samples"] == {"corrupt_image": 1}
+    assert with_bad["eval_loss"] == pytest.approx(clean["eval_loss"], rel=1e-5)

@@ -143,7 +143,7 @@ class ConversationDataset(Dataset):
             except SampleError:
                 continue
             if self.unreadable == "stand_in":
-                for part in (item, item.get("rejected") or {}):  # a preference pair's both sides
+                for part in (item, *([item["rejected"]] if "rejected" in item else [])):  # a pair: both sides
                     part["labels"] = torch.full_like(part["labels"], IGNORE_INDEX)
             return item
         raise DataError(f"None of the {len(self)} samples could be loaded; run `vlm data check` on them.")
