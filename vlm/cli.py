@@ -101,10 +101,10 @@ def _export(args: argparse.Namespace) -> int:
     from .hub.export import ExportError, export_llava_hf
 
     if args.merge_lora:
-        from .train.lora import load_adapter_folder, merge_lora
+        from .train.lora import adapter_max_tiles, load_adapter_folder, merge_lora
 
         model = merge_lora(load_adapter_folder(args.model))
-        processor = processor_for(model)
+        processor = processor_for(model, max_tiles=adapter_max_tiles(args.model))
         if args.format is None:
             save(model, processor, args.out)
             print(f"Wrote a VLM folder with the LoRA adapters merged into the LM to {args.out}")

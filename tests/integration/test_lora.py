@@ -1,5 +1,7 @@
 """LoRA through peft: what trains, merged == adapter logits, saving both ways, QLoRA without CUDA."""
 
+import json
+
 import pytest
 import torch
 
@@ -87,6 +89,19 @@ def test_merged_model_matches_adapter_and_loads_without_peft(model_config, synth
     with torch.no_grad():
         merged = VLM.from_pretrained(tmp_path / "merged").eval()
         assert (merged(**data).logits - adapter_logits).abs().max() <= 1e-4
+
+
+def test_an_adapter_folder_keeps_the_tiling_through_merge_lora(model_config, tmp_path):
+    """`export.merge_lora: false` with data.tiling: the adapter folder records its processor (tiling included), and
+    `vlm export --merge-lora` makes a folder that tiles as training did."""
+    from vlm.cli import main
+    from vlm.factory import load
+
+    model, _ = lora_model(model_config)
+    save_final(model, processor_for(model, max_tiles=4), tmp_path / "adapter", merge=False)
+    assert json.loads((tmp_path / "adapter" / "processor_config.json").read_text())["tiling"]["max_tiles"] == 4
+    assert main(["export", "--merge-lora", "--model", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert load(tmp_path / "merged")[1].max_tiles == 4
 
 
 def test_qlora_without_cuda_says_so(model_config):

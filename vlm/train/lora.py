@@ -26,6 +26,7 @@ from ..atomic import atomic_directory
 from ..config import LoraConfig, config_to_dict, saved_model_config
 from ..constants import ADAPTER_META
 from ..factory import save
+from ..folder import saved_tiling
 from ..processor import VLMProcessor
 from ..lm import new_token_ids
 
@@ -153,11 +154,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, base: str | None = None,
+                 processor: VLMProcessor | None = None) -> Path:
     """Adapter-only folder: peft's adapter files, the trained non-LM weights and `vlm_adapter.json`.
 
     base: the saved VLM folder training started from (`model.init_from`), if any; otherwise the
-    base is rebuilt from the backbones named in the model config.
+    base is rebuilt from the backbones named in the model config. processor: its files too (tokenizer,
+    image preprocessing and tiling), so what loads the adapters processes images as training did.
     """
     if not has_lora(model):
         raise ValueError("save_adapter needs a model with LoRA adapters (train.lora.enabled).")
@@ -174,7 +177,14 @@ def save_adapter(model: nn.Module, directory: str | Path, base: str | None = Non
         save_file(trained, str(tmp / NON_LM_WEIGHTS))
         meta = {"base": base, "model": config_to_dict(model.config)}
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        if processor is not None:
+            processor.save_pretrained(tmp)
     return Path(directory)
+
+
+def adapter_max_tiles(directory: str | Path) -> int:
+    """The tiling an adapter folder's processor was saved with (0: none, or a folder saved without it)."""
+    return int(saved_tiling(Path(directory), {}).get("max_tiles", 0))
 
 
 def load_adapter_folder(directory: str | Path, is_trainable: bool = False) -> nn.Module:
@@ -205,5 +215,5 @@ def save_final(model: nn.Module, processor: VLMProcessor, directory: str | Path,
     """What the loop writes to `final/`: a plain VLM folder (model and processor), merging LoRA first when
     `merge` (`export.merge_lora`), or an adapter folder when LoRA is kept separate."""
     if has_lora(model) and not merge:
-        return save_adapter(model, directory, base)
+        return save_adapter(model, directory, base, processor)
     return save(merge_lora(model), processor, directory)
